@@ -1,0 +1,49 @@
+# pdacscreen: every target sets itself up first, so a fresh clone needs only `make demo` / `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.pdacscreen-setup
+WORK := $(CURDIR)/work
+
+# Offline, quiet, state kept inside ./work (see README "Offline settings").
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export RAY_USAGE_STATS_ENABLED := 0
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
+export PREFECT_HOME ?= $(WORK)/prefect
+export RAY_TMPDIR ?= $(WORK)/ray
+export PDACSCREEN_WORK ?= $(WORK)
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup test demo bench lint clean gpu-check
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# torch first, from the CPU build this machine holds; a plain `torch` would pull CUDA wheels.
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	@bash infra/setup-browser || true
+	@mkdir -p $(WORK)
+	@touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q -m "not bench"
+
+demo: setup
+	bash infra/demo.sh
+
+bench: setup
+	$(PY) -m pytest -q -s -m bench tests/bench
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+gpu-check:
+	bash infra/gpu-check
+
+clean:
+	rm -rf $(WORK) .pytest_cache .ruff_cache

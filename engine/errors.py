@@ -1,0 +1,54 @@
+"""Errors of the detection engine, each with a stable ``code`` for output tables."""
+
+from __future__ import annotations
+
+from pdacscreen.io.errors import InputError, PdacscreenError
+
+__all__ = [
+    "EngineError",
+    "ModelPackageError",
+    "BackendUnavailableError",
+    "InferenceError",
+    "EngineInputError",
+    "TrainingError",
+]
+
+
+class EngineError(PdacscreenError):
+    """Base class of engine errors."""
+
+    code = "engine_error"
+
+
+class ModelPackageError(EngineError):
+    """A model package is missing a file or field, or a file's sha256 does not match model.json."""
+
+    code = "bad_model_package"
+
+
+class BackendUnavailableError(EngineError):
+    """An explicitly requested inference backend cannot run on this machine."""
+
+    code = "backend_unavailable"
+
+
+class InferenceError(EngineError):
+    """Inference failed for one study. ``index`` is its position in a ``detect_batch`` call."""
+
+    code = "inference_failed"
+
+    def __init__(self, message: str, *, code: str | None = None, index: int | None = None) -> None:
+        super().__init__(message, code=code)
+        self.index = index
+
+
+class EngineInputError(InputError, EngineError):
+    """A caller passed a bad argument to an engine function (names field, value, allowed)."""
+
+    code = "bad_input"
+
+
+class TrainingError(EngineError):
+    """Training data or training arguments that cannot produce a model."""
+
+    code = "training_failed"

@@ -1,0 +1,174 @@
+"""Ray fan-out: loader tasks feeding a pool of engine actors, with bounded work in flight.
+
+The shape follows nnU-Net's predictor and Ray Data's callable classes: each actor loads its engine
+once in ``__init__`` and then maps studies; decoding and preprocessing run as separate Ray tasks
+*ahead* of inference, so the engines never wait on disk, and at most ``max_in_flight`` decoded
+volumes exist at once, so memory stays bounded whatever the archive's size.
+
+A study whose actor dies (process crash, node lost) is resubmitted to a fresh actor up to
+``max_attempts`` times; after that it becomes a failure with code ``worker_died``. Every other error
+is caught inside the task/actor and returned as a value, so one bad study never stops the pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["WorkItem", "WorkOutcome", "run_pool", "init_ray"]
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One unit of work: a key (the study UID) and the plain payload the loader needs."""
+
+    key: str
+    payload: Any
+
+
+@dataclass
+class WorkOutcome:
+    """What came back for one item: ``value`` from the actor, or an error code and message."""
+
+    key: str
+    value: Any = None
+    error_code: str | None = None
+    message: str = ""
+    attempts: int = 1
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def init_ray(address: str | None, *, num_cpus: int | None = None, temp_dir: str | None = None) -> None:
+    """Join a cluster at ``address`` or start a local runtime (no dashboard, no usage stats)."""
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    else:
+        kwargs: dict[str, Any] = {}
+        if temp_dir:
+            kwargs["_temp_dir"] = temp_dir
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            **kwargs,
+        )
+
+
+def run_pool(
+    items: Iterable[WorkItem],
+    *,
+    load: Callable[[Any], Any],
+    actor_factory: Callable[[], Any],
+    n_actors: int,
+    max_in_flight: int,
+    max_attempts: int = 2,
+    load_options: dict[str, Any] | None = None,
+) -> Iterator[WorkOutcome]:
+    """Yield one :class:`WorkOutcome` per item, in completion order.
+
+    Args:
+        items: work to do; consumed lazily.
+        load: a plain function ``payload -> loaded`` run as a Ray task (decode + preprocess). It may
+            return an exception-free sentinel; errors it raises come back as outcomes with the
+            error's ``code`` attribute (or ``load_failed``).
+        actor_factory: returns a new Ray actor handle exposing ``process.remote(key, loaded)``
+            which returns a value (errors inside should be returned, not raised).
+        n_actors: number of engine actors.
+        max_in_flight: loaded-but-not-finished items allowed at once (>= n_actors).
+        max_attempts: attempts per item when an actor dies.
+        load_options: ``.options(...)`` for the loader task (e.g. ``{"num_cpus": 1}``).
+    """
+    if n_actors < 1:
+        raise ValueError(f"n_actors must be >= 1, got {n_actors}")
+    max_in_flight = max(max_in_flight, n_actors)
+    load_task = ray.remote(load).options(**(load_options or {"num_cpus": 1}))
+    actors = [actor_factory() for _ in range(n_actors)]
+    idle: deque[int] = deque(range(n_actors))
+    pending_items = iter(items)
+    retry: deque[tuple[WorkItem, int]] = deque()
+    loading: dict[ray.ObjectRef, tuple[WorkItem, int, float]] = {}
+    ready: deque[tuple[WorkItem, int, ray.ObjectRef, float]] = deque()
+    running: dict[ray.ObjectRef, tuple[WorkItem, int, int, ray.ObjectRef, float]] = {}
+    exhausted = False
+
+    def next_item() -> tuple[WorkItem, int] | None:
+        nonlocal exhausted
+        if retry:
+            return retry.popleft()
+        if exhausted:
+            return None
+        try:
+            return next(pending_items), 1
+        except StopIteration:
+            exhausted = True
+            return None
+
+    while True:
+        # 1. Keep the loaders busy up to the in-flight bound.
+        while len(loading) + len(ready) + len(running) < max_in_flight:
+            nxt = next_item()
+            if nxt is None:
+                break
+            item, attempt = nxt
+            loading[load_task.remote(item.payload)] = (item, attempt, time.perf_counter())
+        # 2. Hand loaded items to idle actors.
+        while idle and ready:
+            item, attempt, ref, t_loaded = ready.popleft()
+            slot = idle.popleft()
+            out = actors[slot].process.remote(item.key, ref)
+            running[out] = (item, attempt, slot, ref, t_loaded)
+        if not loading and not running and not ready:
+            if exhausted and not retry:
+                return
+            continue
+        waitable = list(loading) + list(running)
+        done, _ = ray.wait(waitable, num_returns=1, timeout=5.0)
+        for ref in done:
+            if ref in loading:
+                item, attempt, t0 = loading.pop(ref)
+                try:
+                    ray.get(ref)  # surface loader errors here, keep the value in the store
+                except (RayTaskError, WorkerCrashedError) as e:
+                    cause = getattr(e, "cause", None) or e
+                    code = getattr(cause, "code", None) or "load_failed"
+                    yield WorkOutcome(item.key, error_code=code, message=_short(cause), attempts=attempt)
+                    continue
+                ready.append((item, attempt, ref, time.perf_counter()))
+                continue
+            item, attempt, slot, loaded_ref, t_loaded = running.pop(ref)
+            try:
+                value = ray.get(ref)
+            except RayActorError as e:
+                log.warning("engine actor %d died on a study (attempt %d): %s", slot, attempt, _short(e))
+                actors[slot] = actor_factory()
+                idle.append(slot)
+                if attempt < max_attempts:
+                    retry.append((item, attempt + 1))
+                else:
+                    yield WorkOutcome(item.key, error_code="worker_died", message=_short(e), attempts=attempt)
+                continue
+            except RayTaskError as e:
+                idle.append(slot)
+                cause = getattr(e, "cause", None) or e
+                code = getattr(cause, "code", None) or "inference_failed"
+                yield WorkOutcome(item.key, error_code=code, message=_short(cause), attempts=attempt)
+                continue
+            idle.append(slot)
+            yield WorkOutcome(item.key, value=value, attempts=attempt)
+
+
+def _short(e: BaseException, limit: int = 500) -> str:
+    text = f"{type(e).__name__}: {e}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,308 @@
+"""The nightly sweep end to end: real Prefect flow runs, a real Ray runtime, real Parquet.
+
+One small phantom archive (matrix 128) is generated per session and copied for each scenario.
+In-process sweeps share one Prefect test server and one local Ray runtime; the kill -9 test and the
+cluster test run the ``pdacscreen`` command in subprocesses, as a scheduler would.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+N_STUDIES = 6
+PDAC = [sys.executable, "-m", "pdacscreen.flows.cli"]
+
+
+@pytest.fixture(scope="session")
+def base_archive(tmp_path_factory) -> Path:
+    from pdacscreen.io.phantom import generate_archive
+
+    out = tmp_path_factory.mktemp("sweep") / "archive"
+    generate_archive(out, studies=N_STUDIES, seed=7, matrix=128, compress="mixed", pdac_fraction=0.5)
+    return out
+
+
+@pytest.fixture
+def archive(base_archive, tmp_path) -> Path:
+    dst = tmp_path / "archive"
+    shutil.copytree(base_archive, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    import ray
+
+    from pdacscreen.flows.ray_pool import init_ray
+
+    init_ray(None, num_cpus=2, temp_dir=os.environ.get("RAY_TMPDIR"))
+    yield
+    ray.shutdown()
+
+
+def sweep(archive: Path, store: Path, **kw) -> dict:
+    from pdacscreen.flows.sweep import nightly_sweep
+
+    return nightly_sweep(archive=str(archive), store=str(store), n_actors=1, **kw)
+
+
+def findings(store: Path) -> pd.DataFrame:
+    from pdacscreen.io.store import FindingsStore
+
+    return FindingsStore(store).read_findings()
+
+
+def series_files(archive: Path) -> dict[str, list[Path]]:
+    out: dict[str, list[Path]] = {}
+    for p in archive.rglob("*"):
+        if p.is_file() and p.suffix not in (".parquet", ".gz", ".png", ".json"):
+            try:
+                ds = pydicom.dcmread(p, stop_before_pixels=True)
+            except Exception:
+                continue
+            out.setdefault(str(ds.SeriesInstanceUID), []).append(p)
+    return out
+
+
+def test_end_to_end_one_row_per_study(archive, tmp_path, prefect_server, local_ray):
+    store = tmp_path / "store"
+    summary = sweep(archive, store)
+    truth = pd.read_parquet(archive / "truth.parquet")
+    df = findings(store)
+    assert sorted(df["study_instance_uid"]) == sorted(truth["study_instance_uid"])
+    assert (df["status"] == "ok").all(), df[["status", "error_code"]]
+    assert summary["processed"] == N_STUDIES and summary["failed"] == 0
+    assert df["pdac_probability"].between(0, 1).all()
+    # The chosen series is the non-contrast one.
+    merged = df.merge(truth, on="study_instance_uid")
+    assert (merged["series_instance_uid"] == merged["noncontrast_series_uid"]).all()
+    # Patient keys are pseudonymous: no PatientID of the archive appears in the store.
+    assert not set(truth["patient_id"]) & set(df["patient_key"])
+    flagged = df[df["pdac_flag"]]
+    for rel in flagged["evidence_path"]:
+        folder = store / rel
+        assert (folder / "key.png").is_file()
+        assert (folder / "lesion_mask.nii.gz").is_file()
+        assert (folder / "pancreas_mask.nii.gz").is_file()
+    # Parquet metadata carries schema version, model version and config hash.
+    import pyarrow.parquet as pq
+
+    some = next((store / "findings").rglob("*.parquet"))
+    meta = pq.read_schema(some).metadata
+    keys = {k.decode() for k in meta}
+    assert any("schema" in k for k in keys) and any("config" in k for k in keys)
+
+    # Second run: incremental, nothing new, no new rows.
+    again = sweep(archive, store)
+    assert again["studies_planned"] == 0 and again["already_done"] == N_STUDIES
+    assert len(findings(store)) == N_STUDIES
+
+
+def test_incremental_adds_only_new_studies(archive, tmp_path, prefect_server, local_ray):
+    from pdacscreen.io.phantom import generate_archive
+
+    store = tmp_path / "store"
+    sweep(archive, store)
+    extra = tmp_path / "extra"
+    generate_archive(extra, studies=3, seed=7, start=N_STUDIES, matrix=128, compress="none")
+    shutil.copytree(extra, archive / "incoming-batch-2", ignore=shutil.ignore_patterns("*.parquet", "labels", "preview"))
+    summary = sweep(archive, store)
+    assert summary["studies_planned"] == 3
+    assert summary["processed"] == 3
+    df = findings(store)
+    assert len(df) == N_STUDIES + 3
+    assert df["study_instance_uid"].is_unique
+
+
+def test_bad_input_becomes_rows_and_the_rest_go_on(archive, tmp_path, prefect_server, local_ray):
+    truth = pd.read_parquet(archive / "truth.parquet")
+    by_series = series_files(archive)
+    # 1. non-DICOM and truncated files.
+    (archive / "notes.txt").write_text("not a dicom file")
+    victim = sorted(by_series[truth.loc[0, "contrast_series_uid"]])[0]
+    data = victim.read_bytes()
+    (archive / "truncated.dcm").write_bytes(data[: len(data) // 3])
+    # 2. a missing slice in study 1's non-contrast series.
+    nc1 = by_series[truth.loc[1, "noncontrast_series_uid"]]
+    zs = sorted(nc1, key=lambda p: float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]))
+    zs[len(zs) // 2].unlink()
+    # 3. a study with only a contrast series (study 2's non-contrast series removed).
+    for p in by_series[truth.loc[2, "noncontrast_series_uid"]]:
+        p.unlink()
+    # 4. an MR series, as its own study.
+    mr = pydicom.dcmread(zs[0])
+    mr.Modality = "MR"
+    mr.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    mr.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.999.1"
+    mr.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.999.2"
+    mr.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.999.3"
+    (archive / "mr").mkdir()
+    mr.save_as(archive / "mr" / "IM0001", enforce_file_format=True)
+
+    store = tmp_path / "store"
+    summary = sweep(archive, store)
+    df = findings(store).set_index("study_instance_uid")
+    fails = pd.read_parquet(store / "failures") if (store / "failures").exists() else None
+    assert fails is not None
+    codes = set(fails["error_code"])
+    assert {"not_dicom", "truncated"} <= codes, codes
+    assert df.loc[truth.loc[1, "study_instance_uid"], "status"] == "failed"
+    assert df.loc[truth.loc[1, "study_instance_uid"], "error_code"] == "missing_slice"
+    assert df.loc[truth.loc[2, "study_instance_uid"], "status"] == "skipped"
+    assert df.loc[truth.loc[2, "study_instance_uid"], "error_code"] == "no_eligible_series"
+    assert df.loc["1.2.826.0.1.3680043.8.498.999.1", "status"] == "skipped"
+    others = truth["study_instance_uid"].iloc[3:]
+    assert (df.loc[others, "status"] == "ok").all()
+    assert summary["failed"] == 1 and summary["skipped"] == 2
+
+
+def test_second_sweep_on_a_locked_store_exits_at_once(archive, tmp_path):
+    from pdacscreen.io.store import FindingsStore
+
+    store = tmp_path / "store"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from pdacscreen.io.store import FindingsStore\n"
+            "with FindingsStore(Path(sys.argv[1])).lock(sweep_id='holder'):\n"
+            "    print('locked', flush=True); time.sleep(120)",
+            str(store),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        t0 = time.monotonic()
+        out = subprocess.run([*PDAC, "sweep", str(archive), "--store", str(store)], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 3, out.stdout + out.stderr
+        assert "lock" in (out.stdout + out.stderr).lower()
+        assert time.monotonic() - t0 < 60  # it did not start Prefect or Ray
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not FindingsStore(store).read_findings().shape[0]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("PREFECT_HOME", str(REPO / "work" / "prefect"))
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+def test_kill_9_then_rerun_is_exactly_once(archive, tmp_path):
+    store = tmp_path / "store"
+    cmd = [*PDAC, "sweep", str(archive), "--store", str(store), "--flush-every", "1", "--actors", "1"]
+    proc = subprocess.Popen(cmd, env=_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 400
+    try:
+        while time.monotonic() < deadline:
+            parts = list((store / "findings").rglob("*.parquet")) if (store / "findings").exists() else []
+            if parts or proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "sweep finished before it could be killed: " + proc.stderr.read().decode()[-2000:]
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    before = findings(store)
+    assert 0 < len(before) < N_STUDIES
+    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    after = findings(store)
+    truth = pd.read_parquet(archive / "truth.parquet")
+    assert sorted(after["study_instance_uid"]) == sorted(truth["study_instance_uid"])  # no gap, no double
+    # The rows written before the kill are kept as they were.
+    kept = after.set_index("study_instance_uid").loc[before["study_instance_uid"], "sweep_id"]
+    assert list(kept) == list(before["sweep_id"])
+    # No partial files are visible.
+    assert not [p for p in store.rglob("*") if p.name.startswith((".", "_")) and p.suffix == ".parquet"]
+
+
+def test_sweep_on_a_ray_cluster_by_address(archive, tmp_path):
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    port = 6390 + os.getpid() % 50
+    temp = REPO / "work" / "ray-head"
+    env = _env()
+    start = subprocess.run(
+        [ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2", f"--temp-dir={temp}", "--include-dashboard=false", "--disable-usage-stats"],
+        env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert start.returncode == 0, start.stdout + start.stderr
+    try:
+        store = tmp_path / "store"
+        out = subprocess.run(
+            [*PDAC, "sweep", str(archive), "--store", str(store), "--ray-address", f"127.0.0.1:{port}", "--limit", "2"],
+            env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        df = findings(store)
+        assert len(df) == 2 and (df["status"] == "ok").all()
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+class _CrashOnce:
+    """An engine actor that dies (process exit) the first time it sees a marked study."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = Path(marker)
+
+    def process(self, key, loaded):
+        if key == "study-2" and not self.marker.exists():
+            self.marker.write_text("crashed")
+            os._exit(1)
+        return {"key": key, "sum": float(np.sum(loaded))}
+
+
+def _load(payload):
+    return np.full(4, payload, dtype=np.float64)
+
+
+def test_pool_retries_a_dead_actors_work(tmp_path, local_ray):
+    import ray
+
+    from pdacscreen.flows.ray_pool import WorkItem, run_pool
+
+    cls = ray.remote(_CrashOnce).options(num_cpus=0.5)
+    marker = str(tmp_path / "crashed")
+    items = [WorkItem(f"study-{i}", i) for i in range(5)]
+    outs = {o.key: o for o in run_pool(items, load=_load, actor_factory=lambda: cls.remote(marker), n_actors=1, max_in_flight=2)}
+    assert sorted(outs) == [f"study-{i}" for i in range(5)]
+    assert all(o.error_code is None for o in outs.values())
+    assert outs["study-2"].attempts == 2 and outs["study-2"].value["sum"] == 8.0
+    assert Path(marker).exists()
+
+
+def test_deployment_has_a_nightly_cron_schedule(tmp_path):
+    from pdacscreen.flows.deploy import DEFAULT_CRON, build_deployment
+
+    dep = build_deployment(archive=str(tmp_path / "a"), store=str(tmp_path / "s"))
+    crons = [s.schedule.cron for s in dep.schedules]
+    assert crons == [DEFAULT_CRON]
+    assert dep.parameters["store"].endswith("s")
