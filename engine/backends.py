@@ -21,6 +21,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
+
 from pdacscreen.engine.errors import BackendUnavailableError, EngineInputError
 from pdacscreen.engine.package import StageSpec
 
@@ -164,6 +165,7 @@ class TorchBackend(Backend):
     def __init__(self, stage: StageSpec, *, device: str = "cpu") -> None:
         super().__init__(stage)
         import torch
+
         from pdacscreen.engine.network import build_network
 
         if stage.weights is None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from pdacscreen.engine.errors import EngineError
 from pdacscreen.engine.network import UNet3d
 

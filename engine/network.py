@@ -19,8 +19,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-from pdacscreen.engine.errors import EngineInputError
 from torch import nn
+
+from pdacscreen.engine.errors import EngineInputError
 
 __all__ = ["NetworkSpec", "UNet3d", "build_network"]
 

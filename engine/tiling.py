@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+
 from pdacscreen.engine.errors import EngineInputError
 
 __all__ = [

@@ -59,11 +59,17 @@ def main(argv: list[str] | None = None) -> int:
     # Parse only the global options and the command name; the command's module parses the rest.
     known, rest = parser.parse_known_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if known.verbose > 1 else logging.INFO if known.verbose else logging.WARNING,
+        level=logging.DEBUG
+        if known.verbose > 1
+        else logging.INFO
+        if known.verbose
+        else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     module = importlib.import_module(COMMANDS[known.command][0])
-    sub = argparse.ArgumentParser(prog=f"pdacscreen {known.command}", description=COMMANDS[known.command][1])
+    sub = argparse.ArgumentParser(
+        prog=f"pdacscreen {known.command}", description=COMMANDS[known.command][1]
+    )
     module.add_arguments(sub)
     args = sub.parse_args(rest)
     return int(module.run(args) or 0)

@@ -51,7 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", type=Path, required=True)
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--ray-address", default=None)
-    parser.add_argument("--cron", default=DEFAULT_CRON, help=f"cron schedule (default {DEFAULT_CRON!r})")
+    parser.add_argument(
+        "--cron", default=DEFAULT_CRON, help=f"cron schedule (default {DEFAULT_CRON!r})"
+    )
     parser.add_argument("--timezone", default=DEFAULT_TIMEZONE)
 
 

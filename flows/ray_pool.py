@@ -47,7 +47,9 @@ class WorkOutcome:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def init_ray(address: str | None, *, num_cpus: int | None = None, temp_dir: str | None = None) -> None:
+def init_ray(
+    address: str | None, *, num_cpus: int | None = None, temp_dir: str | None = None
+) -> None:
     """Join a cluster at ``address`` or start a local runtime (no dashboard, no usage stats)."""
     if ray.is_initialized():
         return
@@ -143,7 +145,9 @@ def run_pool(
                 except (RayTaskError, WorkerCrashedError) as e:
                     cause = getattr(e, "cause", None) or e
                     code = getattr(cause, "code", None) or "load_failed"
-                    yield WorkOutcome(item.key, error_code=code, message=_short(cause), attempts=attempt)
+                    yield WorkOutcome(
+                        item.key, error_code=code, message=_short(cause), attempts=attempt
+                    )
                     continue
                 ready.append((item, attempt, ref, time.perf_counter()))
                 continue
@@ -151,19 +155,25 @@ def run_pool(
             try:
                 value = ray.get(ref)
             except RayActorError as e:
-                log.warning("engine actor %d died on a study (attempt %d): %s", slot, attempt, _short(e))
+                log.warning(
+                    "engine actor %d died on a study (attempt %d): %s", slot, attempt, _short(e)
+                )
                 actors[slot] = actor_factory()
                 idle.append(slot)
                 if attempt < max_attempts:
                     retry.append((item, attempt + 1))
                 else:
-                    yield WorkOutcome(item.key, error_code="worker_died", message=_short(e), attempts=attempt)
+                    yield WorkOutcome(
+                        item.key, error_code="worker_died", message=_short(e), attempts=attempt
+                    )
                 continue
             except RayTaskError as e:
                 idle.append(slot)
                 cause = getattr(e, "cause", None) or e
                 code = getattr(cause, "code", None) or "inference_failed"
-                yield WorkOutcome(item.key, error_code=code, message=_short(cause), attempts=attempt)
+                yield WorkOutcome(
+                    item.key, error_code=code, message=_short(cause), attempts=attempt
+                )
                 continue
             idle.append(slot)
             yield WorkOutcome(item.key, value=value, attempts=attempt)

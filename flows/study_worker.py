@@ -104,7 +104,11 @@ class EngineActor:
                     "qc_flags": ["contrast_phase"],
                     "duration_s": 0.0,
                 },
-                "failure": {"stage": "select", "code": loaded["skip"], "message": loaded["message"]},
+                "failure": {
+                    "stage": "select",
+                    "code": loaded["skip"],
+                    "message": loaded["message"],
+                },
             }
         volume = loaded["volume"]
         try:

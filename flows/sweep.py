@@ -124,7 +124,13 @@ def _jsonable(obj: Any) -> Any:
         return obj
 
 
-@task(name="index-archive", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_transient_io)
+@task(
+    name="index-archive",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=_retry_transient_io,
+)
 def index_archive(archive: str, index_dir: str) -> dict[str, Any]:
     from pdacscreen.io.index import update_index
 
@@ -153,7 +159,9 @@ def _series_facts(index: Any) -> dict[str, dict[str, Any]]:
     """Per-series header facts the findings rows carry (vendor, thickness, date)."""
     if index is None or len(index) == 0:
         return {}
-    cols = [c for c in ("manufacturer", "slice_thickness", "study_date", "accession_key") if c in index]
+    cols = [
+        c for c in ("manufacturer", "slice_thickness", "study_date", "accession_key") if c in index
+    ]
     ok = index[index["status"] == "ok"] if "status" in index else index
     first = ok.groupby("series_instance_uid")[cols].first()
     return first.to_dict(orient="index")
@@ -176,6 +184,7 @@ def fan_out(
     ray_address: str | None,
     n_actors: int | None,
     flush_every: int,
+    extra_metadata: dict[str, str],
 ) -> dict[str, Any]:
     """Run the Ray pool over ``todo`` and append findings/failures in atomic batches."""
     import ray
@@ -222,11 +231,12 @@ def fan_out(
         nonlocal rows, failures, last_flush
         if rows:
             path = store.append_findings(
-                rows,
+                [_project(r) for r in rows],
                 sweep_id=sweep_id,
                 sweep_date=sweep_date,
                 model_version=model_version,
                 config_hash=config_hash,
+                extra_metadata=extra_metadata,
             )
             if path:
                 written.append(str(path))
@@ -277,6 +287,25 @@ def fan_out(
     return {"counts": dict(counts), "files": written, "seconds": time.perf_counter() - t_start}
 
 
+def _preprocessing_text(package: Any) -> str:
+    pre = package.preprocessing
+    stages = ", ".join(
+        f"{name}: {tuple(round(float(x), 2) for x in spec.spacing_mm)} mm"
+        for name, spec in package.stages.items()
+    )
+    return (
+        f"HU window {tuple(pre.window_hu)}, (x - {pre.mean}) / {pre.std}; "
+        f"trilinear resampling with anti-aliasing; grids {stages}"
+    )
+
+
+def _project(row: dict[str, Any]) -> dict[str, Any]:
+    """Keep the findings columns (engines may return more, e.g. pancreas mean HU)."""
+    from pdacscreen.io.store import FINDINGS_COLUMNS
+
+    return {k: v for k, v in row.items() if k in FINDINGS_COLUMNS}
+
+
 def _base_row(sel: Any, facts: dict[str, Any]) -> dict[str, Any]:
     thickness = facts.get("slice_thickness")
     return {
@@ -293,6 +322,13 @@ def _base_row(sel: Any, facts: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _text(value: Any) -> str | None:
+    """A string, or None for None / NaN / empty (pandas fills missing strings with NaN)."""
+    if value is None or value != value or value == "":
+        return None
+    return str(value)
+
+
 def _as_date(value: Any) -> dt.date | None:
     if value is None or value == "" or value != value:  # NaN
         return None
@@ -307,7 +343,9 @@ def _as_date(value: Any) -> dt.date | None:
         return None
 
 
-def _failure(sel: Any, *, stage: str, code: str, message: str, scope: str = "study") -> dict[str, Any]:
+def _failure(
+    sel: Any, *, stage: str, code: str, message: str, scope: str = "study"
+) -> dict[str, Any]:
     return {
         "stage": stage,
         "scope": scope,
@@ -364,11 +402,11 @@ def file_failures(index: Any, store_root: str, sweep_id: str) -> int:
             {
                 "stage": "index",
                 "scope": "file",
-                "study_instance_uid": rec.get("study_instance_uid") or None,
-                "series_instance_uid": rec.get("series_instance_uid") or None,
+                "study_instance_uid": _text(rec.get("study_instance_uid")),
+                "series_instance_uid": _text(rec.get("series_instance_uid")),
                 "path": str(rec.get("path")),
-                "error_code": str(rec.get("error_code")),
-                "message": str(rec.get("error_message", rec.get("message", "")) or "")[:2000],
+                "error_code": _text(rec.get("error_code")) or "unreadable",
+                "message": (_text(rec.get("error_message")) or "")[:2000],
                 "occurred_at": now,
             }
         )
@@ -429,15 +467,25 @@ def nightly_sweep(
             sweep_id=sweep_id,
             processed_at=dt.datetime.now(dt.UTC),
         )
+        extra_metadata = {
+            "model_sha256": package.sha256,
+            "model_name": package.name,
+            "selection_rule": f"{getattr(rule_set, 'name', 'default')} v{getattr(rule_set, 'version', '?')}",
+            "preprocessing": _preprocessing_text(package),
+            "threshold_source": (
+                f"operating={package.thresholds.operating:.4f} ({package.thresholds.method})"
+            ),
+        }
         counts: Counter[str] = Counter()
         if skipped:
             rows, failures = _selection_rows(skipped, facts, **common)
             fs.append_findings(
-                rows,
-                sweep_id=sweep_id + "-select",
+                [_project(r) for r in rows],
+                sweep_id=sweep_id,
                 sweep_date=sweep_date,
                 model_version=package.version,
                 config_hash=config_hash,
+                extra_metadata=extra_metadata,
             )
             fs.append_failures(failures, sweep_id=sweep_id)
             counts["skipped"] += len(rows)
@@ -458,6 +506,7 @@ def nightly_sweep(
                 ray_address=ray_address,
                 n_actors=n_actors,
                 flush_every=flush_every,
+                extra_metadata=extra_metadata,
             )
             counts.update(out["counts"])
             summary.findings_files = out["files"]
@@ -496,14 +545,18 @@ def nightly_sweep(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("archive", type=Path, help="folder tree of DICOM files (any depth)")
     parser.add_argument("--store", type=Path, required=True, help="findings store folder")
-    parser.add_argument("--model", type=Path, default=None, help="model package (default: reference)")
+    parser.add_argument(
+        "--model", type=Path, default=None, help="model package (default: reference)"
+    )
     parser.add_argument("--ray-address", default=None, help="join a Ray cluster (default: local)")
     parser.add_argument("--limit", type=int, default=None, help="process at most N studies")
     parser.add_argument(
         "--backend", default="auto", choices=["auto", "onnxruntime", "torch", "tensorrt"]
     )
     parser.add_argument("--rules", type=Path, default=None, help="series selection rules (JSON)")
-    parser.add_argument("--actors", type=int, default=None, help="engine actors (default: by CPU/GPU)")
+    parser.add_argument(
+        "--actors", type=int, default=None, help="engine actors (default: by CPU/GPU)"
+    )
     parser.add_argument(
         "--flush-every", type=int, default=8, help="studies per atomic findings file (default 8)"
     )

@@ -17,7 +17,7 @@ else
 fi
 
 echo "== 2/3 nightly sweep (Prefect flow, local Ray) -> $STORE"
-$PDAC sweep "$ARCHIVE" --store "$STORE"
+$PDAC sweep "$ARCHIVE/dicom" --store "$STORE"
 
 echo "== 3/3 query the findings (DuckDB over Parquet)"
 Q="SELECT study_instance_uid, round(pdac_probability, 3) AS p, lesion_location, round(lesion_diameter_mm, 1) AS diam_mm, evidence_path FROM latest_findings WHERE pdac_flag ORDER BY pdac_probability DESC LIMIT 10"

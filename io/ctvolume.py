@@ -51,7 +51,9 @@ class CTVolume:
         if aff.shape != (4, 4):
             raise ValueError(f"CTVolume.affine must be 4x4, got shape {aff.shape}")
         if len(self.spacing) != 3 or min(self.spacing) <= 0:
-            raise ValueError(f"CTVolume.spacing must be three positive mm values, got {self.spacing}")
+            raise ValueError(
+                f"CTVolume.spacing must be three positive mm values, got {self.spacing}"
+            )
         object.__setattr__(self, "affine", aff)
         object.__setattr__(self, "spacing", tuple(float(s) for s in self.spacing))
 

@@ -1,19 +1,23 @@
 """Per-file DICOM access: header-only reads into index rows, and pixel decoding into HU.
 
-Two entry points, both per file and both safe to call in worker processes or threads:
+Entry points, all per file and safe in worker processes or threads:
 
-* :func:`header_row` reads a file's header only (no pixel decoding) and returns one index row
-  (a plain ``dict``).  It never raises for a bad file: the row carries ``status`` ("ok" or
-  "error") and an ``error_code`` from :mod:`pdacscreen.io.errors` codes ("not_dicom", "truncated",
-  "unreadable", "no_pixel_data", "unsupported_transfer_syntax", "unsupported_image").
-  PatientID is turned into ``patient_key`` (keyed hash) and is never put in the row.
-* :func:`read_slice` reads one single-frame image fully and returns a :class:`DecodedSlice`:
-  stored values as decoded by pydicom's pixel plugins, plus the geometry and rescale fields.
-  It raises typed errors (:class:`DicomReadError` and subclasses) naming the file.
+* :func:`header_row` reads a file's header only and returns one index row (a ``dict``).  It
+  never raises for a bad file: the row carries ``status`` ("ok" or "error") and an
+  ``error_code`` ("not_dicom", "truncated", "unreadable", "no_pixel_data",
+  "unsupported_transfer_syntax", "multiframe_unsupported", "not_grayscale").  PatientID becomes
+  ``patient_key`` (keyed hash) and is never put in the row.
+* :func:`read_slice` reads one single-frame image and returns a :class:`DecodedSlice` (stored
+  values plus the same header fields).  Raises typed errors naming the file.
+* :func:`to_hu`: ``stored * RescaleSlope + RescaleIntercept``; PixelPaddingValue (and
+  PixelPaddingRangeLimit) and out-of-field values (below -1024 HU, e.g. -2000, -3024) -> -1024 HU.
 
-:func:`to_hu` turns stored values into HU: ``stored * RescaleSlope + RescaleIntercept``, with
-PixelPaddingValue (and PixelPaddingRangeLimit) and out-of-field values (anything below -1024 HU,
-e.g. -2000 or -3024) set to air, -1024 HU.
+Headers are read by a small scanner (below) for the common little-endian Part 10
+files: it walks element headers, keeps the ~45 tags pdacscreen uses and skips the
+rest, and knows exactly where the pixel data starts (so truncation is detected).  Anything it does
+not handle (big endian, deflate, no preamble, malformed) goes through ``pydicom.dcmread``; both
+paths give identical rows (tested).  Native (uncompressed) pixels are read straight from the file;
+compressed ones are decoded by pydicom's plugins.
 """
 
 from __future__ import annotations
@@ -21,14 +25,17 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.charset import convert_encodings, decode_bytes
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.uid import UID
+from pydicom.valuerep import TEXT_VR_DELIMS
 
 from pdacscreen.io.errors import (
     DicomReadError,
@@ -50,14 +57,17 @@ __all__ = [
 ]
 
 AIR_HU = -1024.0
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 _PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
+_IMPLICIT_LE, _EXPLICIT_LE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"
+_NATIVE = {_IMPLICIT_LE, _EXPLICIT_LE}
+_LOSSY_TS = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.81",
+             "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.203"}
 
-# index column -> (DICOM keyword, kind). kinds: str, multi (backslash-joined), int, float, floats.
+# index column -> (DICOM keyword, kind). kinds: str (backslash-joined values), int, float, floats.
 _TAGS: dict[str, tuple[str, str]] = {
     "sop_class_uid": ("SOPClassUID", "str"),
     "modality": ("Modality", "str"),
-    "image_type": ("ImageType", "multi"),
+    "image_type": ("ImageType", "str"),
     "study_instance_uid": ("StudyInstanceUID", "str"),
     "series_instance_uid": ("SeriesInstanceUID", "str"),
     "sop_instance_uid": ("SOPInstanceUID", "str"),
@@ -81,55 +91,69 @@ _TAGS: dict[str, tuple[str, str]] = {
     "contrast_bolus_agent": ("ContrastBolusAgent", "str"),
     "contrast_bolus_route": ("ContrastBolusRoute", "str"),
     "body_part_examined": ("BodyPartExamined", "str"),
-    "convolution_kernel": ("ConvolutionKernel", "multi"),
+    "convolution_kernel": ("ConvolutionKernel", "str"),
     "manufacturer": ("Manufacturer", "str"),
     "manufacturer_model_name": ("ManufacturerModelName", "str"),
     "study_date": ("StudyDate", "str"),
     "study_time": ("StudyTime", "str"),
     "lossy_image_compression": ("LossyImageCompression", "str"),
 }
+# read but not index columns (pixel module, derived-UID inputs, PatientID for the keyed hash)
+_EXTRA = ("PatientID", "AccessionNumber", "StudyID", "AcquisitionTime", "ContentTime",
+          "SpecificCharacterSet", "BitsAllocated", "BitsStored", "PixelRepresentation",
+          "RescaleSlope", "RescaleIntercept", "PixelPaddingValue", "PixelPaddingRangeLimit")
+_KEYWORDS = tuple(kw for kw, _ in _TAGS.values()) + _EXTRA
+_TAG_OF = {kw: tag_for_keyword(kw) for kw in _KEYWORDS}
+_KW_OF = {t: kw for kw, t in _TAG_OF.items()}
+_VR_OF = {t: dictionary_VR(t) for t in _KW_OF}
+_TEXT_VRS = {"SH", "LO", "ST", "LT", "UC", "UT", "PN"}
+_NUM_VRS = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d"}
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
+             b"UT", b"UV"}
 
 #: Every column of an index row, in order.
 INDEX_COLUMNS: tuple[str, ...] = (
-    "path",
-    "size",
-    "mtime_ns",
-    "status",
-    "error_code",
-    "error_message",
-    "flags",
-    "transfer_syntax_uid",
-    *_TAGS,
-    "patient_key",
-    "has_pixel_data",
+    "path", "size", "mtime_ns", "status", "error_code", "error_message", "flags",
+    "transfer_syntax_uid", *_TAGS, "patient_key", "accession_key", "has_pixel_data",
 )
 
 
-def _value(ds: pydicom.Dataset, keyword: str, kind: str):
-    try:
-        v = ds.get(keyword, None)
-    except Exception:  # noqa: BLE001 - a malformed value is treated as missing
-        return None
-    if v is None or v == "":
+def _canon(kind: str, v):
+    """One value in index form from either path (pydicom value, or scanner str / int tuple)."""
+    if v is None or isinstance(v, bytes | bytearray):
         return None
     try:
+        if isinstance(v, list | tuple | MultiValue):
+            if kind == "str":
+                v = "\\".join(str(x) for x in v)
+            elif kind == "floats":
+                return [float(x) for x in v] or None
+            elif len(v) == 1:
+                v = v[0]
+            else:
+                return None
+        if isinstance(v, str):
+            parts = [p.strip(" \x00") for p in v.split("\\")]
+            if kind == "str":
+                s = "\\".join(parts)
+                return s if s.strip("\\") else None
+            if not any(parts):
+                return None
+            if kind == "floats":
+                return [float(p) for p in parts]
+            if len(parts) != 1:
+                return None
+            f = float(parts[0])
+            if kind == "float":
+                return f
+            return int(f) if f.is_integer() else None
         if kind == "str":
-            s = str(v).strip(" \x00")
-            return s or None
-        if kind == "multi":
-            vals = v if isinstance(v, list | tuple | pydicom.multival.MultiValue) else [v]
-            s = "\\".join(str(x).strip() for x in vals)
-            return s or None
-        if kind == "int":
-            return int(v)
-        if kind == "float":
-            return float(v)
+            return str(v)
         if kind == "floats":
-            vals = v if isinstance(v, list | tuple | pydicom.multival.MultiValue) else [v]
-            return [float(x) for x in vals]
-    except (TypeError, ValueError):
+            return [float(v)]
+        return float(v) if kind == "float" else int(v)
+    except (TypeError, ValueError, OverflowError):
         return None
-    raise ValueError(f"unknown kind {kind!r}")
 
 
 def derived_uid(*parts: object) -> str:
@@ -140,6 +164,8 @@ def derived_uid(*parts: object) -> str:
 
 def check_decodable(transfer_syntax_uid: str, *, where: str = "") -> None:
     """Raise :class:`UnsupportedTransferSyntaxError` unless an installed plugin decodes the TS."""
+    if transfer_syntax_uid in _NATIVE:
+        return
     from pydicom.pixels import get_decoder
 
     ts = UID(transfer_syntax_uid)
@@ -157,31 +183,156 @@ def check_decodable(transfer_syntax_uid: str, *, where: str = "") -> None:
         )
 
 
-def _pixel_data_check(fp, ds: pydicom.Dataset, size: int) -> str | None:
-    """After a stop-before-pixels read: None if pixel data follows intact, else an error code."""
-    pos = fp.tell()
-    head = fp.read(12)
-    if len(head) < 8:
-        return _ended_mid_element(ds, size)
-    little = ds.original_encoding[1] if ds.original_encoding[1] is not None else True
-    implicit = ds.original_encoding[0]
-    end = "<" if little else ">"
-    group, elem = struct.unpack(end + "HH", head[:4])
-    if (group << 16 | elem) not in _PIXEL_TAGS:
-        return "truncated"  # stopped with bytes left that are not pixel data: a cut element
-    if implicit:
-        (length,) = struct.unpack(end + "I", head[4:8])
-        start = pos + 8
-    else:
-        if len(head) < 12:
-            return "truncated"
-        (length,) = struct.unpack(end + "I", head[8:12])
-        start = pos + 12
-    if length == 0xFFFFFFFF:  # encapsulated: must end with a sequence delimiter item
-        fp.seek(max(size - 8, start))
-        tail = fp.read(8)
-        return None if tail[:4] == b"\xfe\xff\xdd\xe0" else "truncated"
-    return None if start + length <= size else "truncated"
+# --- the header scanner -----------------------------------------------------------------------
+
+
+class _Unhandled(Exception):
+    """The scanner does not handle this file; use pydicom."""
+
+
+@dataclass
+class _Scan:
+    """What the scanner found: decoded values by keyword, TS, and where the pixel data is."""
+
+    values: dict
+    ts: str
+    pixel_offset: int | None  # byte offset of the pixel value (after the element header)
+    pixel_length: int | None  # 0xFFFFFFFF for encapsulated
+    error: str | None  # "truncated" | "no_pixel_data" | None
+
+
+class _Reader:
+    def __init__(self, fp, size: int) -> None:
+        self.fp, self.size, self.buf = fp, size, bytearray()
+
+    def need(self, end: int) -> None:
+        """Make bytes [0, end) available; EOFError if the file is shorter."""
+        if end > len(self.buf):
+            self.fp.seek(len(self.buf))
+            self.buf += self.fp.read(max(end - len(self.buf), 32768))
+            if end > len(self.buf):
+                raise EOFError(f"needs {end} bytes, file has {len(self.buf)}")
+
+
+def _element(r: _Reader, off: int, implicit: bool) -> tuple[int, str | None, int, int]:
+    """(tag, VR or None, value length, header length) of the element at ``off``."""
+    r.need(off + 8)
+    g, e = struct.unpack_from("<HH", r.buf, off)
+    tag = g << 16 | e
+    if implicit or g == 0xFFFE:
+        return tag, None, struct.unpack_from("<I", r.buf, off + 4)[0], 8
+    vr = bytes(r.buf[off + 4 : off + 6])
+    if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
+        raise _Unhandled(f"bad VR {vr!r} at {off}")
+    if vr in _LONG_VRS:
+        r.need(off + 12)
+        return tag, vr.decode(), struct.unpack_from("<I", r.buf, off + 8)[0], 12
+    return tag, vr.decode(), struct.unpack_from("<H", r.buf, off + 6)[0], 8
+
+
+def _skip_undefined(r: _Reader, off: int, implicit: bool, depth: int = 0) -> int:
+    """Skip the items of an undefined-length sequence starting at ``off``; returns the end."""
+    if depth > 16:
+        raise _Unhandled("sequences nested too deep")
+    while True:
+        tag, _, length, hdr = _element(r, off, True)
+        off += hdr
+        if tag == 0xFFFEE0DD:  # sequence delimiter
+            return off
+        if tag != 0xFFFEE000:
+            raise _Unhandled(f"expected an item at {off - hdr}, got {tag:08X}")
+        if length != 0xFFFFFFFF:
+            off += length
+            continue
+        while True:  # item of undefined length: elements up to the item delimiter
+            tag, vr, length, hdr = _element(r, off, implicit)
+            if tag == 0xFFFEE00D:
+                off += hdr
+                break
+            off += hdr
+            if length == 0xFFFFFFFF:
+                off = _skip_undefined(r, off, implicit or vr == "UN", depth + 1)
+            else:
+                off += length
+
+
+def _decode_value(raw: bytes, tag: int, vr: str | None, charset: list[str], signed: bool):
+    vr = vr or _VR_OF[tag]
+    if vr == "US or SS":
+        vr = "SS" if signed else "US"
+    if vr in _NUM_VRS:
+        code = _NUM_VRS[vr]
+        n = len(raw) // struct.calcsize(code)
+        return struct.unpack_from(f"<{n}{code}", raw) if n else None
+    if vr in _TEXT_VRS:
+        return decode_bytes(raw, charset, TEXT_VR_DELIMS).rstrip("\x00 ")
+    return raw.decode("latin-1").rstrip("\x00 ")
+
+
+def _scan(fp, size: int) -> _Scan:
+    """Scan a little-endian Part 10 file up to its pixel data. Raises _Unhandled otherwise."""
+    r = _Reader(fp, size)
+    off, ts = 132, None
+    try:
+        r.need(132)
+        if bytes(r.buf[128:132]) != b"DICM":
+            raise _Unhandled("no DICM prefix")
+        while True:  # file meta: explicit VR little endian, group 0002
+            r.need(off + 8)
+            if struct.unpack_from("<H", r.buf, off)[0] != 0x0002:
+                break
+            tag, vr, length, hdr = _element(r, off, False)
+            if tag == 0x00020010:
+                r.need(off + hdr + length)
+                ts = bytes(r.buf[off + hdr : off + hdr + length]).decode("latin-1").rstrip("\x00 ")
+            off += hdr + length
+    except EOFError as e:  # cut inside the preamble or file meta: let pydicom judge
+        raise _Unhandled("short file meta") from e
+    if ts is None or ts == "1.2.840.10008.1.2.2" or ts == "1.2.840.10008.1.2.1.99":
+        raise _Unhandled(f"transfer syntax {ts}")
+    implicit = ts == _IMPLICIT_LE
+    raws: dict[int, tuple[bytes, str | None]] = {}
+    pixel_offset = pixel_length = None
+    error = None
+    try:
+        while True:
+            if off == size:
+                error = "no_pixel_data"
+                break
+            tag, vr, length, hdr = _element(r, off, implicit)
+            if tag in _PIXEL_TAGS:
+                pixel_offset, pixel_length = off + hdr, length
+                break
+            off += hdr
+            if length == 0xFFFFFFFF:
+                off = _skip_undefined(r, off, implicit or vr == "UN")
+                continue
+            if tag in _KW_OF:
+                r.need(off + length)
+                raws[tag] = (bytes(r.buf[off : off + length]), vr)
+            off += length
+            if off > size:
+                error = "truncated"
+                break
+    except EOFError:
+        error = "truncated"
+    cs_raw = raws.get(_TAG_OF["SpecificCharacterSet"])
+    charset = convert_encodings(
+        [c.strip() for c in cs_raw[0].decode("latin-1").split("\\")] if cs_raw else None)
+    pr = raws.get(_TAG_OF["PixelRepresentation"])
+    signed = bool(pr and len(pr[0]) >= 2 and struct.unpack_from("<H", pr[0])[0] == 1)
+    values = {_KW_OF[t]: _decode_value(raw, t, vr, charset, signed) for t, (raw, vr) in raws.items()}
+    if error is None and pixel_length != 0xFFFFFFFF and pixel_offset + pixel_length > size:
+        error = "truncated"
+    if error is None and pixel_length == 0xFFFFFFFF:
+        fp.seek(max(size - 8, pixel_offset))
+        if fp.read(4) != b"\xfe\xff\xdd\xe0":
+            error = "truncated"
+    return _Scan(values=values, ts=ts, pixel_offset=pixel_offset, pixel_length=pixel_length,
+                 error=error)
+
+
+# --- the pydicom path (fallback) ---------------------------------------------------------------
 
 
 def _ended_mid_element(ds: pydicom.Dataset, size: int) -> str:
@@ -197,21 +348,72 @@ def _ended_mid_element(ds: pydicom.Dataset, size: int) -> str:
     return "no_pixel_data"
 
 
-def _read_header(fp, path: str) -> tuple[pydicom.Dataset, list[str]]:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+def _pydicom_header(fp, size: int) -> _Scan:
+    """Header via pydicom (any encoding); pixel data presence checked like the scanner."""
+    try:
+        ds = pydicom.dcmread(fp, stop_before_pixels=True)
+    except InvalidDicomError:
+        fp.seek(0)
+        start = fp.read(4)
+        # A preamble-less dataset that starts with a group-0008 element (old ACR-NEMA style).
+        if not (len(start) == 4 and start[:2] == b"\x08\x00" and start[3:4] == b"\x00"):
+            raise
+        fp.seek(0)
+        ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+    ts = str(ds.file_meta.get("TransferSyntaxUID", "") or _IMPLICIT_LE)
+    values = {}
+    for kw in _KEYWORDS:
         try:
-            ds = pydicom.dcmread(fp, stop_before_pixels=True)
-        except InvalidDicomError:
-            fp.seek(0)
-            start = fp.read(4)
-            # A preamble-less dataset that starts with a group-0008 element (old ACR-NEMA style).
-            if len(start) == 4 and start[:2] == b"\x08\x00" and start[3:4] == b"\x00":
-                fp.seek(0)
-                ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
-            else:
-                raise
-    return ds, [str(w.message) for w in caught]
+            v = ds.get(kw, None)
+        except Exception:  # noqa: BLE001 - a malformed value is treated as missing
+            v = None
+        values[kw] = str(v) if isinstance(v, pydicom.valuerep.PersonName) else v
+    if ts == "1.2.840.10008.1.2.1.99":  # deflated: the whole dataset is compressed
+        fp.seek(0)
+        full = pydicom.dcmread(fp)
+        return _Scan(values, ts, None, None, None if "PixelData" in full else "no_pixel_data")
+    pos = fp.tell()
+    head = fp.read(12)
+    if len(head) < 8:
+        return _Scan(values, ts, None, None, _ended_mid_element(ds, size))
+    implicit, little = ds.original_encoding[0], ds.original_encoding[1] is not False
+    end = "<" if little else ">"
+    group, elem = struct.unpack(end + "HH", head[:4])
+    if (group << 16 | elem) not in _PIXEL_TAGS:
+        return _Scan(values, ts, None, None, "truncated")
+    hdr = 8 if implicit else 12
+    if len(head) < hdr:
+        return _Scan(values, ts, None, None, "truncated")
+    length = struct.unpack(end + "I", head[hdr - 4 : hdr])[0]
+    err = None
+    if length == 0xFFFFFFFF:
+        fp.seek(max(size - 8, pos + hdr))
+        err = None if fp.read(4) == b"\xfe\xff\xdd\xe0" else "truncated"
+    elif pos + hdr + length > size:
+        err = "truncated"
+    return _Scan(values, ts, pos + hdr, length, err)
+
+
+def _header(fp, size: int) -> _Scan:
+    try:
+        return _scan(fp, size)
+    except (_Unhandled, struct.error, UnicodeDecodeError, LookupError, ValueError):
+        fp.seek(0)
+        return _pydicom_header(fp, size)
+
+
+# --- rows ---------------------------------------------------------------------------------------
+
+
+def _get(scan: _Scan, keyword: str, kind: str):
+    return _canon(kind, scan.values.get(keyword))
+
+
+def _info(scan: _Scan, *, key: bytes) -> dict:
+    info = {col: _get(scan, kw, kind) for col, (kw, kind) in _TAGS.items()}
+    info["transfer_syntax_uid"] = scan.ts
+    info["flags"] = ",".join(_fill_ids(info, scan, key=key))
+    return info
 
 
 def header_row(path: str | Path, *, key: bytes) -> dict:
@@ -223,35 +425,21 @@ def header_row(path: str | Path, *, key: bytes) -> dict:
         st = os.stat(path)
         row.update(size=int(st.st_size), mtime_ns=int(st.st_mtime_ns))
         with open(path, "rb") as fp:
-            ds, warns = _read_header(fp, path)
-            deflated = ds.file_meta.get("TransferSyntaxUID", "") == pydicom.uid.DeflatedExplicitVRLittleEndian
-            if deflated:  # the whole dataset is compressed: check pixels with a full read
-                fp.seek(0)
-                full = pydicom.dcmread(fp)
-                pix_err = None if "PixelData" in full else "no_pixel_data"
-            else:
-                pix_err = _pixel_data_check(fp, ds, row["size"])
+            scan = _header(fp, row["size"])
     except InvalidDicomError as e:
         return _error(row, "not_dicom", f"not a DICOM file (no DICM prefix): {e}")
     except (EOFError, struct.error) as e:
         return _error(row, "truncated", f"file ends early: {e}")
     except Exception as e:  # noqa: BLE001 - a bad file is a row, never a crashed crawl
         return _error(row, "unreadable", f"{type(e).__name__}: {e}")
-    if any("End of file" in w or "EOF" in w for w in warns):
-        pix_err = "truncated"
-    row["transfer_syntax_uid"] = str(ds.file_meta.get("TransferSyntaxUID", "")) or None
-    for col, (kw, kind) in _TAGS.items():
-        row[col] = _value(ds, kw, kind)
-    flags = _fill_ids(row, ds, key=key)
-    row["flags"] = ",".join(flags)
-    row["has_pixel_data"] = pix_err is None
-    if pix_err is not None:
-        msg = {"no_pixel_data": "no pixel data element", "truncated": "pixel data cut short"}
-        return _error(row, pix_err, msg[pix_err])
+    row.update(_info(scan, key=key))
+    row["has_pixel_data"] = scan.error is None
+    if scan.error is not None:
+        msg = {"no_pixel_data": "no pixel data element", "truncated": "file cut short"}
+        return _error(row, scan.error, msg[scan.error])
     try:
         _check_image(row, where="")
-        if row["transfer_syntax_uid"]:
-            check_decodable(row["transfer_syntax_uid"])
+        check_decodable(scan.ts)
     except PdacscreenError as e:
         return _error(row, e.code, str(e))
     return row
@@ -262,22 +450,25 @@ def _error(row: dict, code: str, message: str) -> dict:
     return row
 
 
-def _fill_ids(row: dict, ds: pydicom.Dataset, *, key: bytes) -> list[str]:
+def _fill_ids(row: dict, scan: _Scan, *, key: bytes) -> list[str]:
     """patient_key and derived UIDs for blank ones; returns the flags raised."""
     flags: list[str] = []
-    pid = _value(ds, "PatientID", "str")
+    pid = _get(scan, "PatientID", "str")
     study = row["study_instance_uid"]
     if study is None:
         flags.append("derived_study_uid")
         study = row["study_instance_uid"] = derived_uid(
             "study", pid and patient_key(pid, key=key), row["study_date"], row["study_time"],
-            _value(ds, "AccessionNumber", "str"), _value(ds, "StudyID", "str"),
+            _get(scan, "AccessionNumber", "str"), _get(scan, "StudyID", "str"),
         )
     if pid is None:
         flags.append("no_patient_id")
         row["patient_key"] = patient_key("study:" + study, key=key)
     else:
         row["patient_key"] = patient_key(pid, key=key)
+    accession = _get(scan, "AccessionNumber", "str")
+    # Domain-separated from patient keys, so an accession never collides with a patient's key.
+    row["accession_key"] = patient_key("accession:" + accession, key=key) if accession else None
     if row["series_instance_uid"] is None:
         flags.append("derived_series_uid")
         iop = row["image_orientation_patient"]
@@ -291,7 +482,7 @@ def _fill_ids(row: dict, ds: pydicom.Dataset, *, key: bytes) -> list[str]:
         row["sop_instance_uid"] = derived_uid(
             "sop", row["series_instance_uid"], row["instance_number"],
             row["image_position_patient"], row["acquisition_number"],
-            _value(ds, "AcquisitionTime", "str"), _value(ds, "ContentTime", "str"),
+            _get(scan, "AcquisitionTime", "str"), _get(scan, "ContentTime", "str"),
         )
     return flags
 
@@ -312,101 +503,101 @@ def _check_image(info: dict, *, where: str) -> None:
         )
 
 
+# --- pixels ---------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class DecodedSlice:
     """One decoded single-frame image.
 
-    ``stored`` is ``(rows, columns)`` as decoded (stored values, not HU).  Geometry fields are in
-    patient LPS mm; ``pixel_spacing`` is (row spacing = between rows, column spacing).
+    ``stored`` is ``(rows, columns)`` as decoded (stored values, not HU; see :func:`to_hu`).
+    ``info`` holds the same header fields as an index row (UIDs, possibly derived, with
+    ``patient_key`` and ``flags``; geometry in patient LPS mm).
     """
 
     path: str
     stored: np.ndarray
-    sop_instance_uid: str | None
-    series_instance_uid: str | None
-    study_instance_uid: str | None
-    transfer_syntax_uid: str
-    image_position: tuple[float, float, float] | None
-    image_orientation: tuple[float, ...] | None
-    pixel_spacing: tuple[float, float] | None
-    instance_number: int | None
-    acquisition_number: int | None
+    info: dict
     slope: float
     intercept: float
     padding_value: int | None
     padding_limit: int | None
-    slice_thickness: float | None
-    manufacturer: str | None
-    convolution_kernel: str | None
-    patient_id_present: bool
     lossy: bool
 
 
-def read_slice(path: str | Path) -> DecodedSlice:
+def _native_pixels(fp, scan: _Scan, info: dict, where: str) -> np.ndarray:
+    """Uncompressed little-endian pixels straight from the file (as pydicom would return them)."""
+    rows, cols = info["rows"], info["columns"]
+    alloc = _get(scan, "BitsAllocated", "int")
+    stored_bits = _get(scan, "BitsStored", "int") or alloc
+    signed = _get(scan, "PixelRepresentation", "int") == 1
+    if rows is None or cols is None or alloc not in (8, 16, 32):
+        raise UnsupportedImageError(f"{where}pixel module not loadable (Rows={rows}, Columns="
+                                    f"{cols}, BitsAllocated={alloc}); allowed BitsAllocated: 8, "
+                                    "16, 32", code="unsupported_bits")
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{alloc // 8}")
+    nbytes = rows * cols * dtype.itemsize
+    if scan.pixel_length < nbytes:
+        raise DicomReadError(f"{where}pixel data has {scan.pixel_length} bytes, a {rows}x{cols} "
+                             f"image of {alloc} bits needs {nbytes}", code="truncated")
+    fp.seek(scan.pixel_offset)
+    arr = np.empty((rows, cols), dtype=dtype.newbyteorder("="))
+    view = memoryview(arr).cast("B")
+    if fp.readinto(view) < nbytes:
+        raise DicomReadError(f"{where}file ends inside the pixel data", code="truncated")
+    if not dtype.isnative:  # big-endian machine reading little-endian data
+        arr = arr.byteswap()
+    if stored_bits < alloc:  # as pydicom: drop the unused high bits (sign-extending if signed)
+        shift = alloc - stored_bits
+        np.left_shift(arr, shift, out=arr)
+        np.right_shift(arr, shift, out=arr)
+    return arr
+
+
+def _pydicom_pixels(path: str, where: str) -> np.ndarray:
+    try:
+        ds = pydicom.dcmread(path)
+        arr = ds.pixel_array
+    except NotImplementedError as e:
+        raise UnsupportedTransferSyntaxError(f"{where}{e}") from e
+    except Exception as e:  # noqa: BLE001 - bad lengths, corrupt codestreams
+        code = "truncated" if "length" in str(e).lower() else "unreadable"
+        raise DicomReadError(f"{where}pixel data cannot be decoded: {e}", code=code) from e
+    if arr.ndim != 2:
+        raise UnsupportedImageError(f"{where}decoded pixel array has shape {arr.shape}, not 2-D")
+    return arr if arr.dtype.isnative else arr.astype(arr.dtype.newbyteorder("="))
+
+
+def read_slice(path: str | Path, *, key: bytes) -> DecodedSlice:
     """Read and decode one single-frame image (stored values). Raises typed errors."""
     path = str(path)
     where = f"{path}: "
     try:
-        ds = pydicom.dcmread(path)
+        with open(path, "rb") as fp:
+            scan = _header(fp, os.fstat(fp.fileno()).st_size)
+            if scan.error is not None:
+                raise DicomReadError(f"{where}{scan.error.replace('_', ' ')}", code=scan.error)
+            info = _info(scan, key=key)
+            _check_image(info, where=where)
+            check_decodable(scan.ts, where=where)
+            native = scan.ts in _NATIVE and scan.pixel_offset is not None
+            stored = _native_pixels(fp, scan, info, where) if native else None
     except InvalidDicomError as e:
         raise DicomReadError(f"{where}not a DICOM file: {e}", code="not_dicom") from e
     except (EOFError, struct.error) as e:
         raise DicomReadError(f"{where}file ends early: {e}", code="truncated") from e
-    except Exception as e:  # noqa: BLE001
-        raise DicomReadError(f"{where}{type(e).__name__}: {e}") from e
-    if "PixelData" not in ds:
-        raise DicomReadError(f"{where}no pixel data element (7FE0,0010)", code="no_pixel_data")
-    ts = str(ds.file_meta.get("TransferSyntaxUID", pydicom.uid.ImplicitVRLittleEndian))
-    info = {k: _value(ds, kw, kind) for k, (kw, kind) in _TAGS.items()}
-    _check_image(info, where=where)
-    check_decodable(ts, where=where)
-    try:
-        stored = ds.pixel_array
-    except NotImplementedError as e:
-        raise UnsupportedTransferSyntaxError(f"{where}transfer syntax {ts}: {e}") from e
-    except Exception as e:  # noqa: BLE001 - bad lengths, corrupt codestreams
-        code = "truncated" if "length" in str(e).lower() else "unreadable"
-        raise DicomReadError(f"{where}pixel data cannot be decoded: {e}", code=code) from e
-    if stored.ndim != 2:
-        raise UnsupportedImageError(f"{where}decoded pixel array has shape {stored.shape}, not 2-D")
-    if not stored.dtype.isnative:
-        stored = stored.astype(stored.dtype.newbyteorder("="))
-    ipp, iop, ps = (info["image_position_patient"], info["image_orientation_patient"],
-                    info["pixel_spacing"])
-    pad = _value(ds, "PixelPaddingValue", "int")
-    pad_lim = _value(ds, "PixelPaddingRangeLimit", "int")
-    lossy = (info["lossy_image_compression"] == "01") or UID(ts) in _LOSSY_TS
+    except OSError as e:
+        raise DicomReadError(f"{where}{e}") from e
+    if stored is None:
+        stored = _pydicom_pixels(path, where)
     return DecodedSlice(
-        path=path,
-        stored=stored,
-        sop_instance_uid=info["sop_instance_uid"],
-        series_instance_uid=info["series_instance_uid"],
-        study_instance_uid=info["study_instance_uid"],
-        transfer_syntax_uid=ts,
-        image_position=tuple(ipp) if ipp and len(ipp) == 3 else None,
-        image_orientation=tuple(iop) if iop and len(iop) == 6 else None,
-        pixel_spacing=tuple(ps) if ps and len(ps) == 2 else None,
-        instance_number=info["instance_number"],
-        acquisition_number=info["acquisition_number"],
-        slope=_value(ds, "RescaleSlope", "float") or 1.0,
-        intercept=_value(ds, "RescaleIntercept", "float") or 0.0,
-        padding_value=pad,
-        padding_limit=pad_lim,
-        slice_thickness=info["slice_thickness"],
-        manufacturer=info["manufacturer"],
-        convolution_kernel=info["convolution_kernel"],
-        patient_id_present=_value(ds, "PatientID", "str") is not None,
-        lossy=lossy,
+        path=path, stored=stored, info=info,
+        slope=_get(scan, "RescaleSlope", "float") or 1.0,
+        intercept=_get(scan, "RescaleIntercept", "float") or 0.0,
+        padding_value=_get(scan, "PixelPaddingValue", "int"),
+        padding_limit=_get(scan, "PixelPaddingRangeLimit", "int"),
+        lossy=info["lossy_image_compression"] == "01" or scan.ts in _LOSSY_TS,
     )
-
-
-_LOSSY_TS = {
-    UID("1.2.840.10008.1.2.4.50"),
-    UID("1.2.840.10008.1.2.4.51"),
-    UID("1.2.840.10008.1.2.4.81"),
-    UID("1.2.840.10008.1.2.4.91"),
-    UID("1.2.840.10008.1.2.4.203"),
-}
 
 
 def to_hu(
@@ -425,14 +616,16 @@ def to_hu(
     """
     if out is None:
         out = np.empty(stored.shape, dtype=np.float32)
-    np.multiply(stored, np.float32(slope), out=out, casting="unsafe")
-    out += np.float32(intercept)
+    if slope == 1.0:
+        np.add(stored, np.float32(intercept), out=out, casting="unsafe")
+    else:
+        np.multiply(stored, np.float32(slope), out=out, casting="unsafe")
+        out += np.float32(intercept)
     if padding_value is not None:
         if padding_limit is not None:
             lo, hi = sorted((padding_value, padding_limit))
-            pad = (stored >= lo) & (stored <= hi)
-        else:
-            pad = stored == padding_value
-        out[pad] = AIR_HU
+            out[(stored >= lo) & (stored <= hi)] = AIR_HU
+        elif padding_value * slope + intercept > AIR_HU:  # else the clip below covers it
+            out[stored == padding_value] = AIR_HU
     np.maximum(out, np.float32(AIR_HU), out=out)
     return out

@@ -123,17 +123,36 @@ class Tube:
         if hit is None:
             return None
         sl, z, y, x = hit
-        shape = (z.shape[0], y.shape[1], x.shape[2])
-        q = np.empty(shape + (3,), np.float64)
-        q[..., 0] = x
-        q[..., 1] = y
-        q[..., 2] = z * self.z_scale
-        d, idx = self._tree.query(q.reshape(-1, 3), distance_upper_bound=rmax)
-        far = ~np.isfinite(d)
-        idx[far] = 0
-        dn = d / (self.radii[idx] + pad)
-        dn[far] = np.inf
-        return sl, dn.reshape(shape), self.t[idx].reshape(shape)
+        z, y, x = z.ravel(), y.ravel(), x.ravel()
+        dn = np.full((len(z), len(y), len(x)), np.inf)
+        tt = np.zeros(dn.shape)
+        ext = np.array([rmax, rmax, rmax / self.z_scale])
+        # Query only near each piece of the centreline (a curved tube's box is mostly empty), each
+        # voxel once; the nearest point comes from the whole tree, so the result is exact.
+        per = max(
+            2, int(max(25.0, 2.0 * rmax) / max(self.length / max(len(self.points) - 1, 1), 1e-6))
+        )
+        done = np.zeros(dn.shape, bool)
+        for c0 in range(0, len(self.points), per):
+            pts = self.points[c0 : c0 + per + 1]
+            plo, phi = pts.min(axis=0) - ext, pts.max(axis=0) + ext
+            iz = slice(np.searchsorted(z, plo[2]), np.searchsorted(z, phi[2], "right"))
+            iy = slice(np.searchsorted(y, plo[1]), np.searchsorted(y, phi[1], "right"))
+            ix = slice(np.searchsorted(x, plo[0]), np.searchsorted(x, phi[0], "right"))
+            need = ~done[iz, iy, ix]
+            if not need.any():
+                continue
+            kk, jj, ii = np.nonzero(need)
+            q = np.stack([x[ix][ii], y[iy][jj], z[iz][kk] * self.z_scale], axis=1)
+            d, idx = self._tree.query(q, distance_upper_bound=rmax)
+            far = ~np.isfinite(d)
+            idx[far] = 0
+            local = d / (self.radii[idx] + pad)
+            local[far] = np.inf
+            dn[iz, iy, ix][need] = local
+            tt[iz, iy, ix][need] = self.t[idx]
+            done[iz, iy, ix] = True
+        return sl, dn, tt
 
 
 class SmoothField:

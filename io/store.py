@@ -35,11 +35,13 @@ import contextlib
 import datetime as dt
 import errno
 import fcntl
+import itertools
 import json
 import logging
 import os
 import re
 import socket
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +50,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+
 from pdacscreen.io.errors import FindingsSchemaError, StoreError, StoreLockedError
 
 __all__ = [
@@ -61,6 +64,7 @@ __all__ = [
     "SCOPES",
     "FindingsStore",
     "LockInfo",
+    "parquet_files",
 ]
 
 log = logging.getLogger(__name__)
@@ -147,6 +151,7 @@ FAILURES_SCHEMA = _schema(FAILURES_COLUMNS)
 PARTITION_FIELD = pa.field("sweep_date", pa.date32())
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 _META = "pdacscreen."
+_TMP_COUNTER = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -259,8 +264,8 @@ class FindingsStore:
         fixed = {"sweep_id": sweep_id, "model_version": model_version, "config_hash": config_hash}
         table = _conform(table, FINDINGS_COLUMNS, fixed=fixed, kind="findings")
         _check_findings(table)
-        meta = {"model_version": model_version, "config_hash": config_hash, "sweep_id": sweep_id}
-        meta.update({str(k): str(v) for k, v in (extra_metadata or {}).items()})
+        meta = {str(k): str(v) for k, v in (extra_metadata or {}).items()}
+        meta.update(model_version=model_version, config_hash=config_hash, sweep_id=sweep_id)
         folder = self.findings_dir / f"sweep_date={sweep_date.isoformat()}"
         return _write_atomic(table, folder, prefix=f"part-{sweep_id}", metadata=meta)
 
@@ -286,7 +291,7 @@ class FindingsStore:
     # ------------------------------------------------------------------ reading
     def findings_dataset(self) -> ds.Dataset | None:
         """The findings as a pyarrow dataset (schema: FINDINGS_SCHEMA + ``sweep_date``), or None."""
-        files = sorted(self.findings_dir.glob("sweep_date=*/*.parquet"))
+        files = parquet_files(self.findings_dir, "sweep_date=*/*.parquet")
         if not files:
             return None
         partitioning = ds.partitioning(pa.schema([PARTITION_FIELD]), flavor="hive")
@@ -312,7 +317,7 @@ class FindingsStore:
 
     def read_failures(self):
         """All failure rows as a pandas DataFrame (empty with the columns when none)."""
-        files = sorted(self.failures_dir.glob("*.parquet"))
+        files = parquet_files(self.failures_dir, "*.parquet")
         if not files:
             return FAILURES_SCHEMA.empty_table().to_pandas()
         return ds.dataset([str(f) for f in files], schema=FAILURES_SCHEMA).to_table().to_pandas()
@@ -337,7 +342,7 @@ class FindingsStore:
     def metadata(self) -> dict[str, list[str]]:
         """Distinct ``pdacscreen.*`` key-value metadata across findings files: key -> values."""
         out: dict[str, set[str]] = {}
-        for f in sorted(self.findings_dir.glob("sweep_date=*/*.parquet")):
+        for f in parquet_files(self.findings_dir, "sweep_date=*/*.parquet"):
             kv = pq.read_schema(f).metadata or {}
             for k, v in kv.items():
                 key = k.decode()
@@ -390,6 +395,18 @@ class FindingsStore:
 
 
 # ---------------------------------------------------------------------- helpers
+def parquet_files(folder: Path, pattern: str) -> list[Path]:
+    """Files matching ``pattern`` under ``folder``, sorted, skipping any path part that starts
+    with ``.`` or ``_`` (writers' temporary files, as pyarrow and Dask skip them)."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p
+        for p in folder.glob(pattern)
+        if p.is_file() and not any(part[0] in "._" for part in p.relative_to(folder).parts)
+    )
+
+
 def _check_id(name: str, value: object) -> None:
     if not isinstance(value, str) or not _ID_RE.match(value):
         raise FindingsSchemaError(
@@ -548,7 +565,7 @@ def _check_findings(table: pa.Table) -> None:
             f"{p[i].as_py()!r} and {table.column('pdac_flag')[i].as_py()!r}"
         )
     code = table.column("error_code")
-    no_code = pc.or_(pc.is_null(code), pc.equal(code, ""))
+    no_code = pc.or_(pc.is_null(code), pc.fill_null(pc.equal(code, ""), False))
     if (i := _first(pc.and_(pc.invert(ok), no_code))) is not None:
         raise FindingsSchemaError(
             f"findings row {i}: status {table.column('status')[i].as_py()!r} needs an error_code"
@@ -568,10 +585,12 @@ def _write_atomic(
 ) -> Path:
     """Write ``table`` to ``folder/<prefix>-<seq>.parquet`` atomically; never overwrite a file."""
     folder.mkdir(parents=True, exist_ok=True)
-    kv = {f"{_META}schema_version": str(SCHEMA_VERSION)}
-    kv.update({f"{_META}{k}": v for k, v in metadata.items()})
+    kv = {f"{_META}{k}": v for k, v in metadata.items()}
+    kv[f"{_META}schema_version"] = str(SCHEMA_VERSION)  # reserved keys are never overridden
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **kv})
-    tmp = folder / f".{prefix}.parquet.tmp-{os.getpid()}"
+    # Unique per process, thread and call; hidden ('.') so no reader lists it.
+    unique = f"{os.getpid()}-{threading.get_native_id()}-{next(_TMP_COUNTER)}"
+    tmp = folder / f".{prefix}.parquet.tmp-{unique}"
     try:
         with open(tmp, "wb") as fh:
             pq.write_table(table, fh, compression="zstd")

@@ -24,5 +24,7 @@ os.environ.setdefault("RAY_TMPDIR", str(REPO / "work" / "ray"))
 def real_ct() -> Path:
     """The read-only real CT fixtures in ../shared; skips where a plain clone has none."""
     if not REAL_CT.is_dir():
-        pytest.skip(f"real CT fixtures not found at {REAL_CT} (../shared is absent in a plain clone)")
+        pytest.skip(
+            f"real CT fixtures not found at {REAL_CT} (../shared is absent in a plain clone)"
+        )
     return REAL_CT

@@ -47,6 +47,10 @@ def _strings(prefix: str, ints: np.ndarray) -> pa.Array:
     return pc.binary_join_element_wise(prefix, pa.array(ints).cast(pa.string()), "")
 
 
+def _OBJ(choices: tuple) -> np.ndarray:
+    return np.asarray(choices, dtype=object)
+
+
 def _pick(choices: tuple, idx: np.ndarray) -> pa.Array:
     return pa.DictionaryArray.from_arrays(pa.array(idx, pa.int32()), pa.array(choices)).cast(
         pa.string()
@@ -104,8 +108,9 @@ def make_synthetic_findings(
     pred_diam[~has_pred] = np.nan
     # Status: a few failed / skipped rows with codes and no scores.
     u = rng.random(n)
-    failed, skipped = u < failed_fraction * 2 / 3, (u >= failed_fraction * 2 / 3) & (
-        u < failed_fraction
+    failed, skipped = (
+        u < failed_fraction * 2 / 3,
+        (u >= failed_fraction * 2 / 3) & (u < failed_fraction),
     )
     ok = ~(failed | skipped)
     status_idx = np.where(ok, 0, np.where(failed, 1, 2))
@@ -125,6 +130,7 @@ def make_synthetic_findings(
 
     days = (np.datetime64(BASE_DATE) - np.datetime64("1970-01-01")).astype(np.int64)
     cand = ok & has_pred
+    pred_loc = np.where(label, loc_idx, rng.integers(0, 3, n))
     table = pa.table(
         {
             "study_instance_uid": _strings(f"1.2.826.0.1.3680043.10.999.{seed}.", i),
@@ -144,31 +150,19 @@ def make_synthetic_findings(
             "lesion_center_x_mm": masked(pred_c[:, 0], cand),
             "lesion_center_y_mm": masked(pred_c[:, 1], cand),
             "lesion_center_z_mm": masked(pred_c[:, 2], cand),
-            "lesion_location": pa.array(
-                _pick(LOCATIONS, np.where(label, loc_idx, rng.integers(0, 3, n)))
-            ).filter(pa.array(np.ones(n, bool)))
-            if n
-            else pa.array([], pa.string()),
+            "lesion_location": pa.array(_OBJ(LOCATIONS)[pred_loc], mask=~cand),
             "pancreas_volume_ml": masked(pancreas, ok),
             "phase_estimate": _pick(PHASES, rng.integers(0, len(PHASES), n)),
             "qc_flags": pa.ListArray.from_arrays(
                 pa.array(qc_offsets), _pick(QC, qc_idx[qc_idx >= 0])
             ),
             "status": _pick(("ok", "failed", "skipped"), status_idx),
-            "error_code": masked(
-                np.asarray((*ERRORS, "no_eligible_series"), dtype=object)[err], ~ok
-            ),
+            "error_code": masked(_OBJ((*ERRORS, "no_eligible_series"))[err], ~ok),
             "evidence_path": masked(np.char.add("evidence/", i.astype(str)), flag)
             if evidence
             else pa.nulls(n, pa.string()),
             "duration_s": pa.array(rng.gamma(4.0, 5.0, n)),
         }
-    )
-    loc_col = table.column("lesion_location").combine_chunks()
-    table = table.set_column(
-        table.schema.get_field_index("lesion_location"),
-        "lesion_location",
-        pc.if_else(pa.array(cand), loc_col, pa.nulls(n, pa.string())),
     )
     files = []
     bounds = np.linspace(0, n, n_files + 1).astype(np.int64)
@@ -194,17 +188,11 @@ def make_synthetic_findings(
         )
         files.append(path)
         bad = np.flatnonzero(~ok[lo:hi]) + lo
+        bad = table.take(np.flatnonzero(~ok[lo:hi])[:10_000] + lo)
         st.append_failures(
             [
-                {
-                    "stage": "load",
-                    "scope": "series",
-                    "study_instance_uid": table.column("study_instance_uid")[int(k)].as_py(),
-                    "error_code": table.column("error_code")[int(k)].as_py(),
-                    "message": "synthetic failure",
-                    "occurred_at": at,
-                }
-                for k in bad[:10_000]
+                {**r, "stage": "load", "scope": "series", "message": "synthetic", "occurred_at": at}
+                for r in bad.select(["study_instance_uid", "error_code"]).to_pylist()
             ],
             sweep_id=sweep_id,
         )
@@ -220,9 +208,7 @@ def make_synthetic_findings(
             "lesion_center_x_mm": pa.array(true_c[:, 0], mask=~label),
             "lesion_center_y_mm": pa.array(true_c[:, 1], mask=~label),
             "lesion_center_z_mm": pa.array(true_c[:, 2], mask=~label),
-            "lesion_location": pa.array(
-                np.asarray(LOCATIONS, dtype=object)[loc_idx], mask=~label
-            ),
+            "lesion_location": pa.array(_OBJ(LOCATIONS)[loc_idx], mask=~label),
             "lesion_type": pa.array(np.where(label, "pdac", "none")),
             "manufacturer": table.column("manufacturer"),
             "slice_thickness_mm": table.column("slice_thickness_mm"),

@@ -14,16 +14,24 @@ from pdacscreen.engine.network import NetworkSpec, build_network
 from pdacscreen.engine.package import REFERENCE_PACKAGE, default_manifest, load_package
 
 
-def tiny_package(root, *, seed: int = 0):
-    """A valid package with small untrained networks (patches reduced for speed)."""
+def tiny_package(root, *, seed: int = 0, patch1=(16, 16, 16), patch2=(16, 16, 24), organ_bias=None):
+    """A valid package with small untrained networks (patches reduced for speed).
+
+    ``organ_bias`` sets the stage-1 output bias (background, pancreas) so that the localiser
+    reports pancreas everywhere (large positive) -- the worst case for the stage-2 box.
+    """
     torch.manual_seed(seed)
     manifest = default_manifest(name="tiny", version="0.0.1")
-    manifest["stages"]["stage1"]["patch"] = [16, 16, 16]
-    manifest["stages"]["stage2"]["patch"] = [16, 16, 24]
+    manifest["stages"]["stage1"]["patch"] = list(patch1)
+    manifest["stages"]["stage2"]["patch"] = list(patch2)
     nets = {
         "stage1": build_network(NetworkSpec(out_channels=2, base=4, depth=3)),
         "stage2": build_network(NetworkSpec(out_channels=3, base=4, depth=3, cls_head=True)),
     }
+    if organ_bias is not None:
+        with torch.no_grad():
+            nets["stage1"].seg_head.weight.zero_()
+            nets["stage1"].seg_head.bias.copy_(torch.tensor(organ_bias, dtype=torch.float32))
     write_package(root, nets=nets, manifest=manifest)
     return root
 
@@ -66,7 +74,7 @@ def test_missing_file_named(pkg_dir, tmp_path):
         (("thresholds", "specificity_95"), "thresholds.specificity_95"),
         (("stages", "stage2", "patch"), "stages.stage2.patch"),
         (("preprocessing", "window_hu"), "preprocessing.window_hu"),
-        (("version",), "field version"),
+        (("version",), "version"),
         (("postprocessing", "noise_hu_max"), "postprocessing.noise_hu_max"),
     ],
 )

@@ -63,7 +63,7 @@ def test_plan_covers_every_voxel_and_ends_at_border():
     assert cover.all()
     assert max(s[0] for s in plan.starts) == 50 - 16
     assert plan.shape == (50, 33, 8)
-    assert plan.count == 6 * 3 * 1
+    assert plan.count == 6 * 4 * 1  # ceil((50-16)/8)+1, ceil((33-16)/8)+1, 1
 
 
 def test_extras_are_max_over_windows():

@@ -35,7 +35,10 @@ def test_subpackages_map_to_folders():
 
 def test_cli_help_lists_commands():
     out = subprocess.run(
-        [sys.executable, "-m", "pdacscreen.flows.cli", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "pdacscreen.flows.cli", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     for name in ("phantom", "index", "volume", "train", "sweep", "query", "evaluate", "worklist"):
         assert name in out.stdout

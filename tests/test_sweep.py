@@ -7,7 +7,9 @@ cluster test run the ``pdacscreen`` command in subprocesses, as a scheduler woul
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -19,7 +21,6 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
-
 from conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -33,7 +34,9 @@ def base_archive(tmp_path_factory) -> Path:
     from pdacscreen.io.phantom import generate_archive
 
     out = tmp_path_factory.mktemp("sweep") / "archive"
-    generate_archive(out, studies=N_STUDIES, seed=7, matrix=128, compress="mixed", pdac_fraction=0.5)
+    generate_archive(
+        out, studies=N_STUDIES, seed=7, matrix=128, compress="mixed", pdac_fraction=0.5
+    )
     return out
 
 
@@ -64,9 +67,10 @@ def local_ray():
 
 
 def sweep(archive: Path, store: Path, **kw) -> dict:
+    """An in-process flow run over the archive's DICOM tree (truth and labels sit beside it)."""
     from pdacscreen.flows.sweep import nightly_sweep
 
-    return nightly_sweep(archive=str(archive), store=str(store), n_actors=1, **kw)
+    return nightly_sweep(archive=str(archive / "dicom"), store=str(store), n_actors=1, **kw)
 
 
 def findings(store: Path) -> pd.DataFrame:
@@ -128,7 +132,7 @@ def test_incremental_adds_only_new_studies(archive, tmp_path, prefect_server, lo
     sweep(archive, store)
     extra = tmp_path / "extra"
     generate_archive(extra, studies=3, seed=7, start=N_STUDIES, matrix=128, compress="none")
-    shutil.copytree(extra, archive / "incoming-batch-2", ignore=shutil.ignore_patterns("*.parquet", "labels", "preview"))
+    shutil.copytree(extra / "dicom", archive / "dicom" / "incoming-batch-2")
     summary = sweep(archive, store)
     assert summary["studies_planned"] == 3
     assert summary["processed"] == 3
@@ -141,13 +145,16 @@ def test_bad_input_becomes_rows_and_the_rest_go_on(archive, tmp_path, prefect_se
     truth = pd.read_parquet(archive / "truth.parquet")
     by_series = series_files(archive)
     # 1. non-DICOM and truncated files.
-    (archive / "notes.txt").write_text("not a dicom file")
+    (archive / "dicom" / "notes.txt").write_text("not a dicom file")
     victim = sorted(by_series[truth.loc[0, "contrast_series_uid"]])[0]
     data = victim.read_bytes()
-    (archive / "truncated.dcm").write_bytes(data[: len(data) // 3])
+    (archive / "dicom" / "truncated.dcm").write_bytes(data[: len(data) // 3])
     # 2. a missing slice in study 1's non-contrast series.
     nc1 = by_series[truth.loc[1, "noncontrast_series_uid"]]
-    zs = sorted(nc1, key=lambda p: float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]))
+    zs = sorted(
+        nc1,
+        key=lambda p: float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]),
+    )
     zs[len(zs) // 2].unlink()
     # 3. a study with only a contrast series (study 2's non-contrast series removed).
     for p in by_series[truth.loc[2, "noncontrast_series_uid"]]:
@@ -159,8 +166,8 @@ def test_bad_input_becomes_rows_and_the_rest_go_on(archive, tmp_path, prefect_se
     mr.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.999.1"
     mr.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.999.2"
     mr.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.999.3"
-    (archive / "mr").mkdir()
-    mr.save_as(archive / "mr" / "IM0001", enforce_file_format=True)
+    (archive / "dicom" / "mr").mkdir()
+    mr.save_as(archive / "dicom" / "mr" / "IM0001", enforce_file_format=True)
 
     store = tmp_path / "store"
     summary = sweep(archive, store)
@@ -198,7 +205,12 @@ def test_second_sweep_on_a_locked_store_exits_at_once(archive, tmp_path):
     try:
         assert holder.stdout.readline().strip() == "locked"
         t0 = time.monotonic()
-        out = subprocess.run([*PDAC, "sweep", str(archive), "--store", str(store)], capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [*PDAC, "sweep", str(archive / "dicom"), "--store", str(store)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 3, out.stdout + out.stderr
         assert "lock" in (out.stdout + out.stderr).lower()
         assert time.monotonic() - t0 < 60  # it did not start Prefect or Ray
@@ -217,16 +229,34 @@ def _env() -> dict[str, str]:
 
 def test_kill_9_then_rerun_is_exactly_once(archive, tmp_path):
     store = tmp_path / "store"
-    cmd = [*PDAC, "sweep", str(archive), "--store", str(store), "--flush-every", "1", "--actors", "1"]
-    proc = subprocess.Popen(cmd, env=_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cmd = [
+        *PDAC,
+        "sweep",
+        str(archive / "dicom"),
+        "--store",
+        str(store),
+        "--flush-every",
+        "1",
+        "--actors",
+        "1",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 400
     try:
         while time.monotonic() < deadline:
-            parts = list((store / "findings").rglob("*.parquet")) if (store / "findings").exists() else []
+            parts = (
+                list((store / "findings").rglob("*.parquet"))
+                if (store / "findings").exists()
+                else []
+            )
             if parts or proc.poll() is not None:
                 break
             time.sleep(0.2)
-        assert proc.poll() is None, "sweep finished before it could be killed: " + proc.stderr.read().decode()[-2000:]
+        assert proc.poll() is None, (
+            "sweep finished before it could be killed: " + proc.stderr.read().decode()[-2000:]
+        )
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
@@ -236,52 +266,93 @@ def test_kill_9_then_rerun_is_exactly_once(archive, tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     after = findings(store)
     truth = pd.read_parquet(archive / "truth.parquet")
-    assert sorted(after["study_instance_uid"]) == sorted(truth["study_instance_uid"])  # no gap, no double
+    assert sorted(after["study_instance_uid"]) == sorted(
+        truth["study_instance_uid"]
+    )  # no gap, no double
     # The rows written before the kill are kept as they were.
     kept = after.set_index("study_instance_uid").loc[before["study_instance_uid"], "sweep_id"]
     assert list(kept) == list(before["sweep_id"])
     # No partial files are visible.
-    assert not [p for p in store.rglob("*") if p.name.startswith((".", "_")) and p.suffix == ".parquet"]
+    assert not [
+        p for p in store.rglob("*") if p.name.startswith((".", "_")) and p.suffix == ".parquet"
+    ]
+
+
+def _stop_ray_session(temp: Path) -> None:
+    """Stop only the Ray processes of the head started with ``--temp-dir temp``.
+
+    ``ray stop`` would kill every Ray process on the machine, including this test session's own
+    local runtime (whose driver then exits when its GCS disappears).
+    """
+    import psutil
+
+    procs = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if str(temp) in " ".join(proc.info["cmdline"] or []):
+                procs.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=20)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
 
 
 def test_sweep_on_a_ray_cluster_by_address(archive, tmp_path):
     ray_bin = str(Path(sys.executable).parent / "ray")
     port = 6390 + os.getpid() % 50
-    temp = REPO / "work" / "ray-head"
+    temp = Path(f"/tmp/pdac-rh-{os.getpid()}")  # short: Ray's socket paths must stay < 108 bytes
     env = _env()
+    # Ray >= 2.5x: a head started by `ray start` uses token auth; the head and every client must
+    # agree on RAY_AUTH_MODE and share the token (README, "Running on a Ray cluster").
+    env["RAY_AUTH_MODE"] = "token"
+    env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     start = subprocess.run(
-        [ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2", f"--temp-dir={temp}", "--include-dashboard=false", "--disable-usage-stats"],
-        env=env, capture_output=True, text=True, timeout=180,
+        [
+            ray_bin,
+            "start",
+            "--head",
+            f"--port={port}",
+            "--num-cpus=2",
+            f"--temp-dir={temp}",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
-    assert start.returncode == 0, start.stdout + start.stderr
     try:
+        assert start.returncode == 0, start.stdout + start.stderr
         store = tmp_path / "store"
         out = subprocess.run(
-            [*PDAC, "sweep", str(archive), "--store", str(store), "--ray-address", f"127.0.0.1:{port}", "--limit", "2"],
-            env=env, capture_output=True, text=True, timeout=600,
+            [
+                *PDAC,
+                "sweep",
+                str(archive / "dicom"),
+                "--store",
+                str(store),
+                "--ray-address",
+                f"127.0.0.1:{port}",
+                "--limit",
+                "2",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         df = findings(store)
         assert len(df) == 2 and (df["status"] == "ok").all()
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
-
-
-class _CrashOnce:
-    """An engine actor that dies (process exit) the first time it sees a marked study."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = Path(marker)
-
-    def process(self, key, loaded):
-        if key == "study-2" and not self.marker.exists():
-            self.marker.write_text("crashed")
-            os._exit(1)
-        return {"key": key, "sum": float(np.sum(loaded))}
-
-
-def _load(payload):
-    return np.full(4, payload, dtype=np.float64)
+        _stop_ray_session(temp)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_pool_retries_a_dead_actors_work(tmp_path, local_ray):
@@ -289,12 +360,35 @@ def test_pool_retries_a_dead_actors_work(tmp_path, local_ray):
 
     from pdacscreen.flows.ray_pool import WorkItem, run_pool
 
-    cls = ray.remote(_CrashOnce).options(num_cpus=0.5)
+    # Defined here so Ray ships them by value (workers cannot import the tests folder).
+    class CrashOnce:
+        """An engine actor that dies (process exit) the first time it sees study-2."""
+
+        def __init__(self, marker: str) -> None:
+            self.marker = Path(marker)
+
+        def process(self, key, loaded):
+            if key == "study-2" and not self.marker.exists():
+                self.marker.write_text("crashed")
+                os._exit(1)
+            return {"key": key, "sum": float(np.sum(loaded))}
+
+    def _load(payload):
+        return np.full(4, payload, dtype=np.float64)
+
+    cls = ray.remote(CrashOnce).options(num_cpus=0.5)
     marker = str(tmp_path / "crashed")
     items = [WorkItem(f"study-{i}", i) for i in range(5)]
-    outs = {o.key: o for o in run_pool(items, load=_load, actor_factory=lambda: cls.remote(marker), n_actors=1, max_in_flight=2)}
+    outs = {
+        o.key: o
+        for o in run_pool(
+            items, load=_load, actor_factory=lambda: cls.remote(marker), n_actors=1, max_in_flight=2
+        )
+    }
     assert sorted(outs) == [f"study-{i}" for i in range(5)]
-    assert all(o.error_code is None for o in outs.values())
+    assert all(o.error_code is None for o in outs.values()), [
+        (o.key, o.error_code, o.message) for o in outs.values()
+    ]
     assert outs["study-2"].attempts == 2 and outs["study-2"].value["sum"] == 8.0
     assert Path(marker).exists()
 

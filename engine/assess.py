@@ -1,0 +1,282 @@
+"""Assess a model package on a held-out phantom archive (re-runnable quality numbers).
+
+``python -m pdacscreen.engine.assess --archive DIR --model PKG [--name NAME] [--update-card]``
+
+For every study of the archive: load the non-contrast series from DICOM, run the detector, compare
+with the truth table and label map.  Reports case-level AUROC (bootstrap 95% CI), sensitivity and
+specificity at the package's operating threshold, sensitivity at >= 95% specificity (threshold
+chosen on this archive), sensitivity for PDACs < 2 cm and >= 2 cm, the fraction of detected PDACs
+localised (a predicted lesion component with IoU >= 0.1 against the true lesion, or containing the
+true lesion centre), and false-positive rates on cysts, fatty pancreases without PDAC, and the other
+negatives.  ``--update-card`` merges the result into the package's ``assessment.json`` and
+regenerates its README (documentation only: model.json and its hashes are unchanged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pdacscreen.engine.dataset import StudyRecord, archive_records, load_study
+from pdacscreen.engine.metrics import (
+    auroc,
+    bootstrap_ci,
+    sensitivity_at,
+    specificity_at,
+    threshold_for_specificity,
+)
+from pdacscreen.io.ctvolume import CTVolume
+
+__all__ = ["Case", "archive_cases", "phantom_cases", "assess_cases", "summarise", "main"]
+
+log = logging.getLogger(__name__)
+
+
+def _localised(result, volume, label: np.ndarray, truth: dict) -> bool:
+    """A predicted lesion component hits the true lesion (IoU >= 0.1 or holds its centre)."""
+    from scipy import ndimage
+
+    from pdacscreen.engine.evidence import masks_in_series_grid
+    from pdacscreen.io.ctvolume import world_to_voxel
+
+    if result.masks is None or not result.masks.lesion.any():
+        return False
+    _, pred = masks_in_series_grid(result, volume)
+    true = label == 2
+    comps, n = ndimage.label(pred, structure=np.ones((3, 3, 3)))
+    centre = np.array([truth.get(f"lesion_center_{a}_mm", np.nan) for a in "xyz"], float)
+    kji = None
+    if np.all(np.isfinite(centre)):
+        kji = np.round(world_to_voxel(volume.affine, centre)).astype(int)
+        if np.any(kji < 0) or np.any(kji >= np.array(volume.shape)):
+            kji = None
+    for c in range(1, n + 1):
+        comp = comps == c
+        inter = np.logical_and(comp, true).sum()
+        union = np.logical_or(comp, true).sum()
+        if union and inter / union >= 0.1:
+            return True
+        if kji is not None and comp[tuple(kji)]:
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class Case:
+    """One study to assess: the volume, its label map (series grid) and its truth row."""
+
+    volume: CTVolume
+    label: np.ndarray
+    truth: dict
+
+    @property
+    def lesion_type(self) -> str:
+        return str(self.truth.get("lesion_type", "none"))
+
+
+def archive_cases(archive: Path, *, limit: int | None = None) -> Iterator[Case]:
+    """Cases of a DICOM phantom archive (series loaded with ingest's ``load_series``)."""
+    records: list[StudyRecord] = archive_records(archive)
+    for rec in records[:limit] if limit else records:
+        volume, label = load_study(rec)
+        yield Case(volume, label, rec.truth)
+
+
+def phantom_cases(
+    *,
+    seed: int,
+    studies: int,
+    matrix: int,
+    cache: Path,
+    slice_thickness_mm: list[float] | None = None,
+    noise_hu: float | None = None,
+    pdac_fraction: float = 0.5,
+) -> Iterator[Case]:
+    """The subjects ``pdacscreen phantom --seed SEED`` would write, made in memory (no DICOM).
+
+    Study ``k`` is ``make_subject(study_plan(seed, k))``, so these are the same patients as the
+    archive's; ``slice_thickness_mm`` (cycled over studies) and ``noise_hu`` override the
+    acquisition (the "hard" archive).  Volumes are cached as int16 under ``cache``.
+    """
+    from pdacscreen.io.phantom import make_subject
+    from pdacscreen.io.phantom_archive import study_plan
+
+    cache = Path(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    for k in range(studies):
+        thk = slice_thickness_mm[k % len(slice_thickness_mm)] if slice_thickness_mm else None
+        tag = f"s{seed}-m{matrix}-k{k}-t{thk}-n{noise_hu}-f{pdac_fraction}"
+        path = cache / f"{tag}.npz"
+        if not path.is_file():
+            sub_seed, is_pdac = study_plan(seed, k, pdac_fraction)
+            sub = make_subject(
+                sub_seed, matrix=matrix, pdac=is_pdac, slice_thickness_mm=thk, noise_hu=noise_hu
+            )
+            tmp = path.with_suffix(".tmp.npz")
+            np.savez(
+                tmp, hu=sub.noncontrast.astype(np.int16), label=sub.labels, affine=sub.affine,
+                spacing=np.array(sub.spacing), truth=np.str_(json.dumps(sub.truth, default=float)),
+            )
+            tmp.replace(path)
+        with np.load(path) as z:
+            truth = json.loads(str(z["truth"]))
+            volume = CTVolume(
+                z["hu"].astype(np.float32), tuple(z["spacing"]), z["affine"],
+                series_instance_uid=f"phantom-{tag}",
+            )
+            yield Case(volume, z["label"], truth)
+
+
+def assess_cases(cases: Iterable[Case], package_dir: Path | None, *, threads: int | None = None) -> list[dict]:
+    """One row per study: truth, prediction, localisation hit, QC flags, seconds."""
+    from pdacscreen.engine.inference import Detector
+    from pdacscreen.engine.package import load_package
+
+    det = Detector(load_package(package_dir), backend="onnxruntime", threads=threads)
+    rows = []
+    for i, case in enumerate(cases):
+        t0 = time.perf_counter()
+        res = det.detect(case.volume)
+        seconds = time.perf_counter() - t0
+        truth = case.truth
+        pdac = case.lesion_type == "pdac"
+        hit = _localised(res, case.volume, case.label, truth) if pdac else False
+        rows.append(
+            {
+                "series_uid": case.volume.series_instance_uid,
+                "lesion_type": case.lesion_type,
+                "pdac": int(pdac),
+                "lesion_diameter_mm": float(truth.get("lesion_diameter_mm") or 0.0),
+                "lesion_location": str(truth.get("lesion_location") or ""),
+                "predicted_location": res.lesion_location,
+                "fatty_pancreas": bool(truth.get("fatty_pancreas", False)),
+                "noise_hu": float(truth.get("noise_hu", np.nan)),
+                "slice_thickness_mm": float(truth.get("slice_thickness_mm", np.nan)),
+                "probability": res.pdac_probability,
+                "flag": bool(res.pdac_flag),
+                "localised": bool(hit),
+                "lesion_count": res.lesion_count,
+                "qc_flags": list(res.qc_flags),
+                "seconds": seconds,
+            }
+        )
+        log.info(
+            "assess %d %s %.0fmm p=%.3f flag=%s localised=%s %.1fs", i + 1, case.lesion_type,
+            rows[-1]["lesion_diameter_mm"], res.pdac_probability, res.pdac_flag, hit, seconds,
+        )
+    return rows
+
+
+def summarise(rows: list[dict], *, operating: float) -> dict:
+    """Case-level metrics of :func:`assess_archive` rows (NaN probability counts as 0)."""
+    p = np.array([0.0 if np.isnan(r["probability"]) else r["probability"] for r in rows])
+    y = np.array([r["pdac"] for r in rows])
+    small = np.array([r["pdac"] == 1 and r["lesion_diameter_mm"] < 20.0 for r in rows])
+    large = np.array([r["pdac"] == 1 and r["lesion_diameter_mm"] >= 20.0 for r in rows])
+    flag = p >= operating
+    cyst = np.array([r["lesion_type"] == "cyst" for r in rows])
+    fatty_neg = np.array([r["fatty_pancreas"] and not r["pdac"] for r in rows])
+    other_neg = (y == 0) & ~cyst & ~fatty_neg
+    detected = flag & (y == 1)
+    loc = np.array([r["localised"] for r in rows])
+    t95 = threshold_for_specificity(p, y, 0.95)
+    qc: dict[str, int] = {}
+    for r in rows:
+        for f in r["qc_flags"]:
+            qc[f] = qc.get(f, 0) + 1
+
+    def rate(mask):
+        return float(flag[mask].mean()) if mask.any() else float("nan")
+
+    return {
+        "studies": len(rows),
+        "pdac": int(y.sum()),
+        "cyst": int(cyst.sum()),
+        "none": int(len(rows) - y.sum() - cyst.sum()),
+        "operating_threshold": operating,
+        "auroc": auroc(p, y),
+        "auroc_ci": list(bootstrap_ci(p, y, auroc, n=500)),
+        "sensitivity_operating": sensitivity_at(p, y, operating),
+        "specificity_operating": specificity_at(p, y, operating),
+        "threshold_spec95_here": t95,
+        "sensitivity_at_spec95": sensitivity_at(p, y, t95),
+        "sensitivity_small": float(flag[small].mean()) if small.any() else float("nan"),
+        "small_pdac": int(small.sum()),
+        "sensitivity_large": float(flag[large].mean()) if large.any() else float("nan"),
+        "localised_fraction": float(loc[detected].mean()) if detected.any() else float("nan"),
+        "fp_rate_cyst": rate(cyst),
+        "fp_rate_fatty": rate(fatty_neg),
+        "fatty_negatives": int(fatty_neg.sum()),
+        "fp_rate_other": rate(other_neg),
+        "qc_counts": dict(sorted(qc.items())),
+        "seconds_per_study": float(np.mean([r["seconds"] for r in rows])) if rows else float("nan"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pdacscreen.engine.modelcard import write_model_card
+    from pdacscreen.engine.package import REFERENCE_PACKAGE, load_package
+
+    ap = argparse.ArgumentParser(prog="python -m pdacscreen.engine.assess", description=__doc__.split("\n")[0])
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--archive", type=Path, help="a DICOM phantom archive (pdacscreen phantom)")
+    src.add_argument("--phantom-seed", type=int, help="make the subjects of this archive seed in memory")
+    ap.add_argument("--studies", type=int, default=200, help="with --phantom-seed")
+    ap.add_argument("--matrix", type=int, default=256, help="with --phantom-seed")
+    ap.add_argument("--slice-thickness-mm", type=float, nargs="+", default=None, help="override (cycled)")
+    ap.add_argument("--noise-hu", type=float, default=None, help="override the noise level")
+    ap.add_argument("--cache", type=Path, default=Path("work/engine/assess-cache"))
+    ap.add_argument("--model", type=Path, default=None, help="model package (default: the reference)")
+    ap.add_argument("--name", default=None, help="column name in the quality table (default: folder name)")
+    ap.add_argument("--out", type=Path, default=None, help="write rows + summary JSON here")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--note", action="append", default=[], help="a note for the model card")
+    ap.add_argument("--update-card", action="store_true", help="merge into PKG/assessment.json + README")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    pkg = load_package(args.model)
+    if args.archive is not None:
+        cases = archive_cases(args.archive, limit=args.limit)
+        source = f"--archive {args.archive}"
+    else:
+        cases = phantom_cases(
+            seed=args.phantom_seed, studies=args.limit or args.studies, matrix=args.matrix,
+            cache=args.cache, slice_thickness_mm=args.slice_thickness_mm, noise_hu=args.noise_hu,
+        )
+        source = f"--phantom-seed {args.phantom_seed} --studies {args.limit or args.studies} --matrix {args.matrix}"
+        if args.slice_thickness_mm:
+            source += " --slice-thickness-mm " + " ".join(f"{t:g}" for t in args.slice_thickness_mm)
+        if args.noise_hu is not None:
+            source += f" --noise-hu {args.noise_hu:g}"
+    rows = assess_cases(cases, args.model, threads=args.threads)
+    summary = summarise(rows, operating=pkg.thresholds.operating)
+    summary["source"] = source
+    summary["matrix"] = int(rows[0].get("matrix", 0)) if rows and "matrix" in rows[0] else args.matrix
+    summary["seed"] = args.phantom_seed
+    name = args.name or (Path(args.archive).name if args.archive else f"phantom-{args.phantom_seed}")
+    print(json.dumps({name: summary}, indent=2))  # noqa: T201 - CLI output
+    if args.out:
+        Path(args.out).write_text(json.dumps({"summary": summary, "rows": rows}, indent=2, default=float))
+    if args.update_card:
+        root = args.model or REFERENCE_PACKAGE
+        path = Path(root) / "assessment.json"
+        data = json.loads(path.read_text()) if path.is_file() else {"archives": {}, "notes": [], "commands": []}
+        data["archives"][name] = summary
+        data["notes"] = sorted(set(data.get("notes", [])) | set(args.note))
+        cmd = f"python -m pdacscreen.engine.assess {source} --model {root} --name {name} --update-card"
+        data["commands"] = sorted(set(data.get("commands", [])) | {cmd})
+        path.write_text(json.dumps(data, indent=2, default=float) + "\n")
+        write_model_card(Path(root))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

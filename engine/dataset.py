@@ -1,0 +1,246 @@
+"""Training data from a phantom archive: truth table, DICOM series, label maps, a disk cache.
+
+A phantom archive (``pdacscreen phantom``) holds DICOM files, ``truth.parquet`` (one row per study,
+with ``noncontrast_series_uid``, ``lesion_type`` ...) and ``labels/<noncontrast_series_uid>.nii.gz``
+(uint8: 0 background, 1 pancreas, 2 lesion, in the series' grid).
+
+Each study becomes one cached ``.npz`` (preprocessed once, reused by every epoch and every run):
+
+* ``coarse_hu`` float16 ``(z, y, x)``: the whole scan on the stage-1 grid, ``coarse_label`` uint8
+  (1 = pancreas incl. lesion);
+* ``fine_hu`` float16 ``(z, y, x)``: the true pancreas box plus ``FINE_MARGIN_MM`` at the stage-2
+  spacing, ``fine_label`` uint8 (0 background, 1 pancreas, 2 PDAC; a cyst counts as pancreas, so
+  the detector learns that a cyst is not a PDAC; applied when loading, so the cache holds the
+  archive's labels unchanged);
+* the truth (``pdac``, ``lesion_type`` ...) is not cached: it comes from the truth table's record.
+
+Volumes are resampled with :mod:`pdacscreen.kernels` (labels by nearest neighbour, ``order=0``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pdacscreen.engine.errors import TrainingError
+from pdacscreen.io.ctvolume import CTVolume, voxel_to_world
+
+__all__ = ["StudyRecord", "CachedStudy", "archive_records", "load_study", "build_cache", "load_cached"]
+
+log = logging.getLogger(__name__)
+
+FINE_MARGIN_MM = 36.0
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    """One training study of the archive."""
+
+    study_uid: str
+    series_uid: str
+    lesion_type: str  # "pdac" | "cyst" | "none"
+    lesion_diameter_mm: float
+    fatty_pancreas: bool
+    files: tuple[str, ...]
+    label_path: Path
+    truth: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def pdac(self) -> bool:
+        return self.lesion_type == "pdac"
+
+
+@dataclass(frozen=True)
+class CachedStudy:
+    """A preprocessed study (see module docstring)."""
+
+    series_uid: str
+    coarse_hu: np.ndarray
+    coarse_label: np.ndarray
+    fine_hu: np.ndarray
+    fine_label: np.ndarray
+    pdac: bool
+    lesion_type: str
+    lesion_diameter_mm: float
+    fatty_pancreas: bool
+
+
+def _series_files(folder: Path) -> dict[str, list[str]]:
+    """SeriesInstanceUID -> files, from a header-only read of every file under ``folder``."""
+    import pydicom
+
+    out: dict[str, list[str]] = defaultdict(list)
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file() or path.suffix in (".parquet", ".gz", ".json", ".md", ".csv"):
+            continue
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+        except Exception:  # noqa: BLE001 - not DICOM: skip (truth tables, labels, notes)
+            continue
+        uid = str(getattr(ds, "SeriesInstanceUID", "") or "")
+        if uid:
+            out[uid].append(str(path))
+    return out
+
+
+def _col(row, *names, default=None):
+    for n in names:
+        if n in row and row[n] is not None and not (isinstance(row[n], float) and np.isnan(row[n])):
+            return row[n]
+    return default
+
+
+def archive_records(archive: Path) -> list[StudyRecord]:
+    """Every study of a phantom archive with its non-contrast series files and label map."""
+    import pandas as pd
+
+    archive = Path(archive)
+    truth_path = archive / "truth.parquet"
+    if not truth_path.is_file():
+        raise TrainingError(f"{archive}: truth.parquet not found; is this a `pdacscreen phantom` archive?")
+    truth = pd.read_parquet(truth_path)
+    if "noncontrast_series_uid" not in truth.columns:
+        raise TrainingError(f"{truth_path}: column noncontrast_series_uid missing; has {list(truth.columns)}")
+    everything: dict[str, list[str]] | None = None
+    records = []
+    for row in truth.to_dict("records"):
+        uid = str(row["noncontrast_series_uid"])
+        label = archive / "labels" / f"{uid}.nii.gz"
+        study_dir = row.get("study_dir")
+        if study_dir and (archive / str(study_dir)).is_dir():
+            files = _series_files(archive / str(study_dir))  # the study's own folder only
+        else:
+            everything = everything if everything is not None else _series_files(archive)
+            files = everything
+        if uid not in files or not label.is_file():
+            log.warning("study %s: series files or label map missing, skipped", row.get("study_instance_uid"))
+            continue
+        lesion_type = str(_col(row, "lesion_type", default="none") or "none")
+        records.append(
+            StudyRecord(
+                study_uid=str(_col(row, "study_instance_uid", default=uid)),
+                series_uid=uid,
+                lesion_type=lesion_type,
+                lesion_diameter_mm=float(_col(row, "lesion_diameter_mm", default=0.0) or 0.0),
+                fatty_pancreas=bool(_col(row, "fatty_pancreas", default=False)),
+                files=tuple(sorted(files[uid])),
+                label_path=label,
+                truth=dict(row),
+            )
+        )
+    if not records:
+        raise TrainingError(f"{archive}: no usable studies (series files + labels) found")
+    return records
+
+
+def load_study(record: StudyRecord) -> tuple[CTVolume, np.ndarray]:
+    """The study's non-contrast volume and its label map ``(z, y, x)`` uint8 in the same grid."""
+    from pdacscreen.io.nifti import read_nifti
+    from pdacscreen.io.volume import load_series
+
+    volume = load_series(list(record.files), workers=1, series_instance_uid=record.series_uid)
+    label, affine = read_nifti(record.label_path)
+    if label.shape != volume.shape or not np.allclose(affine, volume.affine, atol=1e-3):
+        raise TrainingError(
+            f"{record.label_path}: label map grid {label.shape} does not match series {volume.shape}"
+        )
+    return volume, np.asarray(label, dtype=np.uint8)
+
+
+def _crop_box(label: np.ndarray, affine: np.ndarray, margin_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    idx = np.argwhere(label > 0)
+    if len(idx) == 0:
+        raise TrainingError("label map has no pancreas voxels")
+    lo, hi = idx.min(axis=0) - 0.5, idx.max(axis=0) + 0.5
+    corners = np.array([[(lo, hi)[a][0], (lo, hi)[b][1], (lo, hi)[c][2]] for a in (0, 1) for b in (0, 1) for c in (0, 1)])
+    world = voxel_to_world(affine, corners)
+    return world.min(axis=0) - margin_mm, world.max(axis=0) + margin_mm
+
+
+def preprocess_study(
+    volume: CTVolume, label: np.ndarray, *, coarse_mm: tuple, fine_mm: tuple
+) -> dict[str, np.ndarray]:
+    """The cached arrays of one study (see module docstring)."""
+    from pdacscreen.kernels._backend import to_host
+    from pdacscreen.kernels.resample import crop_resample, resample
+
+    coarse, _ = resample(volume.array, volume.affine, coarse_mm, order=1, backend="numpy")
+    organ = (label > 0).astype(np.float32)
+    coarse_organ, _ = resample(organ, volume.affine, coarse_mm, order=1, fill=0.0, backend="numpy")
+    box_min, box_max = _crop_box(label, volume.affine, FINE_MARGIN_MM)
+    fine, _ = crop_resample(
+        volume.array, volume.affine, box_min=box_min, box_max=box_max, target_spacing=fine_mm,
+        order=1, backend="numpy",
+    )
+    fine_label, _ = crop_resample(
+        label, volume.affine, box_min=box_min, box_max=box_max, target_spacing=fine_mm, order=0,
+        fill=0, backend="numpy",
+    )
+    return {
+        "coarse_hu": np.asarray(to_host(coarse)).astype(np.float16),
+        "coarse_label": (np.asarray(to_host(coarse_organ)) >= 0.5).astype(np.uint8),
+        "fine_hu": np.asarray(to_host(fine)).astype(np.float16),
+        "fine_label": np.asarray(to_host(fine_label)).astype(np.uint8),
+    }
+
+
+def _cache_key(record: StudyRecord, settings: dict) -> str:
+    blob = json.dumps({"uid": record.series_uid, "v": CACHE_VERSION, **settings}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def build_cache(
+    records: list[StudyRecord],
+    *,
+    cache_dir: Path,
+    coarse_mm: tuple,
+    fine_mm: tuple,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Path]:
+    """Preprocess every record once into ``cache_dir`` (existing entries are reused)."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    settings = {"coarse_mm": list(coarse_mm), "fine_mm": list(fine_mm), "margin": FINE_MARGIN_MM}
+    paths = []
+    for i, rec in enumerate(records):
+        path = cache_dir / f"{_cache_key(rec, settings)}.npz"
+        if not path.is_file():
+            volume, label = load_study(rec)
+            arrays = preprocess_study(volume, label, coarse_mm=coarse_mm, fine_mm=fine_mm)
+            tmp = path.with_suffix(".tmp.npz")
+            np.savez(tmp, **arrays, series_uid=np.str_(rec.series_uid))
+            tmp.replace(path)
+        paths.append(path)
+        if progress is not None:
+            progress(i + 1, len(records))
+    return paths
+
+
+def load_cached(path: Path, record: StudyRecord) -> CachedStudy:
+    """A cached study with the truth of ``record`` (the cache holds arrays only).
+
+    Label 2 is kept only for PDAC: a cyst becomes pancreas (label 1).
+    """
+    with np.load(path) as z:
+        fine_label = z["fine_label"]
+        if not record.pdac:
+            fine_label = np.where(fine_label == 2, 1, fine_label).astype(np.uint8)
+        return CachedStudy(
+            series_uid=record.series_uid,
+            coarse_hu=z["coarse_hu"],
+            coarse_label=z["coarse_label"],
+            fine_hu=z["fine_hu"],
+            fine_label=fine_label,
+            pdac=record.pdac,
+            lesion_type=record.lesion_type,
+            lesion_diameter_mm=record.lesion_diameter_mm,
+            fatty_pancreas=record.fatty_pancreas,
+        )

@@ -1,0 +1,214 @@
+"""From network outputs to findings: pancreas box, lesion candidates, location, QC flags.
+
+Grids: ``prob`` arrays are ``(z, y, x)`` on a grid whose ``affine`` maps index ``(k, j, i, 1)`` to
+patient LPS mm.  Boxes are world boxes ``(x, y, z)`` mm (LPS), as ``crop_resample`` takes them.
+Connected components come from :func:`pdacscreen.kernels.connected_components` (26-connectivity,
+as picai_eval scores lesions).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pdacscreen.io.ctvolume import voxel_to_world
+
+__all__ = [
+    "Localisation",
+    "Lesion",
+    "localise",
+    "lesion_candidates",
+    "organ_mask",
+    "pancreas_location",
+    "organ_axis",
+    "softmax",
+]
+
+QC_FLAGS = (
+    "pancreas_not_found",
+    "pancreas_cut_by_fov",
+    "low_localisation_confidence",
+    "contrast_phase",
+    "high_noise",
+)
+
+
+def softmax(logits: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Numerically stable softmax over ``axis`` (float32)."""
+    x = logits - logits.max(axis=axis, keepdims=True)
+    np.exp(x, out=x)
+    x /= x.sum(axis=axis, keepdims=True)
+    return x.astype(np.float32, copy=False)
+
+
+def _components(mask: np.ndarray, affine: np.ndarray, min_voxels: int):
+    """(components largest first, int32 label image on the host; 0 = none/dropped)."""
+    from pdacscreen.kernels._backend import to_host
+    from pdacscreen.kernels.components import connected_components
+
+    comps, labels = connected_components(
+        mask, affine, connectivity=26, min_voxels=max(1, int(min_voxels)), return_labels=True
+    )
+    return list(comps), np.asarray(to_host(labels))
+
+
+def _voxel_ml(affine: np.ndarray) -> float:
+    return float(abs(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
+
+
+@dataclass(frozen=True)
+class Localisation:
+    """Stage-1 result: the pancreas box in world mm (LPS) and how sure we are of it.
+
+    ``box_min``/``box_max`` are ``(x, y, z)`` mm including the margin and clipped to the maximum
+    box; ``confidence`` is the mean pancreas probability inside the chosen component.
+    """
+
+    found: bool
+    box_min: tuple[float, float, float]
+    box_max: tuple[float, float, float]
+    confidence: float
+    cut_by_fov: bool
+    volume_ml: float
+    components: int
+
+
+def _bbox_world(affine: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """World (x, y, z) min/max over the 8 corners of voxel box [lo - 0.5, hi + 0.5] (k, j, i)."""
+    a, b = lo - 0.5, hi + 0.5
+    corners = np.array([[(a, b)[s][0], (a, b)[u][1], (a, b)[v][2]] for s in (0, 1) for u in (0, 1) for v in (0, 1)])
+    world = voxel_to_world(affine, corners)
+    return world.min(axis=0), world.max(axis=0)
+
+
+def localise(
+    prob: np.ndarray,
+    affine: np.ndarray,
+    *,
+    threshold: float,
+    min_ml: float,
+    margin_mm: tuple[float, float, float],
+    max_box_mm: tuple[float, float, float],
+) -> Localisation:
+    """Pancreas box from the stage-1 probability map (largest component above ``threshold``).
+
+    ``margin_mm`` and ``max_box_mm`` are ``(z, y, x)`` mm (stage-2 settings); the box is grown by
+    the margin, then shrunk about its centre to at most ``max_box_mm`` (bounded stage-2 memory).
+    """
+    vox_ml = _voxel_ml(affine)
+    comps, labels = _components(prob >= threshold, affine, min_voxels=int(np.ceil(min_ml / vox_ml)))
+    if not comps:
+        nan = (float("nan"),) * 3
+        return Localisation(False, nan, nan, 0.0, False, 0.0, 0)
+    best = comps[0]
+    sl = best.bbox
+    lo = np.array([s.start for s in sl], float)
+    hi = np.array([s.stop - 1 for s in sl], float)
+    region = prob[sl]
+    member = labels[sl] == best.label
+    confidence = float(region[member].mean()) if member.any() else 0.0
+    shape = np.array(prob.shape)
+    cut = bool(np.any(lo <= 0) or np.any(hi >= shape - 1))
+    wmin, wmax = _bbox_world(affine, lo, hi)
+    margin = np.array(margin_mm[::-1], float)  # (z, y, x) -> (x, y, z)
+    limit = np.array(max_box_mm[::-1], float)
+    wmin, wmax = wmin - margin, wmax + margin
+    centre, half = (wmin + wmax) / 2.0, np.minimum((wmax - wmin) / 2.0, limit / 2.0)
+    return Localisation(
+        True,
+        tuple(float(v) for v in centre - half),
+        tuple(float(v) for v in centre + half),
+        confidence,
+        cut,
+        float(best.voxels * vox_ml),
+        len(comps),
+    )
+
+
+def organ_mask(prob_organ: np.ndarray, affine: np.ndarray, *, threshold: float) -> np.ndarray:
+    """Largest 26-connected component of ``prob_organ >= threshold`` as a bool ``(z, y, x)`` mask."""
+    comps, labels = _components(prob_organ >= threshold, affine, min_voxels=1)
+    return labels == 1 if comps else np.zeros(prob_organ.shape, dtype=bool)
+
+
+@dataclass(frozen=True)
+class Lesion:
+    """One lesion candidate (world coordinates LPS mm; ``peak`` is its maximum lesion probability)."""
+
+    volume_ml: float
+    diameter_mm: float
+    center_mm: tuple[float, float, float]
+    peak: float
+    location: str
+    voxels: int
+
+
+@dataclass(frozen=True)
+class OrganAxis:
+    """The pancreas' long axis: mean point, unit direction toward the tail, projection range."""
+
+    mean: np.ndarray
+    axis: np.ndarray
+    lo: float
+    hi: float
+
+    def location(self, point_mm) -> str:
+        """``"head"``, ``"body"`` or ``"tail"``: thirds of the organ's length along the axis."""
+        f = (float((np.asarray(point_mm, float) - self.mean) @ self.axis) - self.lo) / max(self.hi - self.lo, 1e-6)
+        return "head" if f < 1.0 / 3.0 else "body" if f < 2.0 / 3.0 else "tail"
+
+
+def organ_axis(organ: np.ndarray, affine: np.ndarray, *, max_points: int = 20000) -> OrganAxis | None:
+    """First principal axis of the organ's voxels (world mm), oriented so the head is at the
+    patient's right (smaller LPS x) and the tail at the left; None for fewer than 3 voxels."""
+    idx = np.argwhere(organ)
+    if len(idx) < 3:
+        return None
+    if len(idx) > max_points:  # a deterministic subsample is plenty for an axis
+        idx = idx[:: int(np.ceil(len(idx) / max_points))]
+    pts = voxel_to_world(affine, idx.astype(float))
+    mean = pts.mean(axis=0)
+    _, _, vt = np.linalg.svd(pts - mean, full_matrices=False)
+    axis = vt[0] if vt[0][0] >= 0 else -vt[0]
+    proj = (pts - mean) @ axis
+    return OrganAxis(mean, axis, float(proj.min()), float(proj.max()))
+
+
+def pancreas_location(organ: np.ndarray, affine: np.ndarray, point_mm: np.ndarray) -> str:
+    """``"head"``, ``"body"`` or ``"tail"`` of a world point along the organ's long axis."""
+    ax = organ_axis(organ, affine)
+    return "" if ax is None else ax.location(point_mm)
+
+
+def lesion_candidates(
+    lesion_prob: np.ndarray,
+    organ: np.ndarray,
+    affine: np.ndarray,
+    *,
+    threshold: float,
+    min_ml: float,
+) -> tuple[list[Lesion], np.ndarray]:
+    """Lesion candidates: 26-connected components of ``lesion_prob >= threshold``, largest first.
+
+    Components under ``min_ml`` are dropped.  Diameter is the largest extent in mm of the
+    component along the grid axes.  Returns ``(lesions, mask of the kept components)``.
+    """
+    min_voxels = int(np.ceil(min_ml / _voxel_ml(affine)))
+    comps, labels = _components(lesion_prob >= threshold, affine, min_voxels=max(min_voxels, 1))
+    axis = organ_axis(organ | (labels > 0), affine) if comps else None
+    out = []
+    for c in comps:
+        centre = np.asarray(c.centroid_world, float)
+        peak = float(lesion_prob[c.bbox][labels[c.bbox] == c.label].max())
+        out.append(
+            Lesion(
+                volume_ml=float(c.volume_ml),
+                diameter_mm=float(max(c.extent_mm)),
+                center_mm=tuple(float(v) for v in centre),
+                peak=peak,
+                location="" if axis is None else axis.location(centre),
+                voxels=int(c.voxels),
+            )
+        )
+    return out, labels > 0

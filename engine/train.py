@@ -1,0 +1,291 @@
+"""``pdacscreen train``: train the two-stage reference model on a phantom archive (CPU).
+
+Steps: read the archive's truth table and label maps; preprocess every study once into a disk
+cache; split studies into training and validation (stratified by lesion type, by seed); train
+stage 1 (pancreas localiser, coarse grid) and stage 2 (pancreas + PDAC segmentation with a
+classification head, fine crop) with augmentation; export both to ONNX (plus torch state dicts);
+run the real detector on the validation studies to choose the operating thresholds (95% and 99%
+specificity); write ``model.json`` and the model card ``README.md``.
+
+Deterministic for a seed at a fixed ``--threads`` (single process, seeded NumPy and torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pdacscreen.engine.augment import AugmentConfig, sample_patch
+from pdacscreen.engine.dataset import (
+    CachedStudy,
+    archive_records,
+    build_cache,
+    load_cached,
+    load_study,
+)
+from pdacscreen.engine.errors import TrainingError
+from pdacscreen.engine.network import NetworkSpec, build_network
+from pdacscreen.engine.package import default_manifest, load_package
+from pdacscreen.engine.trainer import Batch, StageTraining, set_determinism, train_stage
+
+__all__ = ["add_arguments", "run", "split_records", "make_stage1_draw", "make_stage2_draw"]
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--archive", type=Path, required=True, help="phantom archive (pdacscreen phantom)")
+    parser.add_argument("--out", type=Path, required=True, help="model package folder to write")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=float, default=1.0, help="multiplier of the step counts below")
+    parser.add_argument("--stage1-steps", type=int, default=150)
+    parser.add_argument("--stage2-steps", type=int, default=800)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--base1", type=int, default=8, help="stage-1 base channels")
+    parser.add_argument("--base2", type=int, default=8, help="stage-2 base channels")
+    parser.add_argument("--train-patch2", type=int, nargs=3, default=None, help="stage-2 training patch z y x")
+    parser.add_argument("--val-fraction", type=float, default=0.25)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a shared CPU)")
+    parser.add_argument("--name", default="pdacscreen-reference")
+    parser.add_argument("--version", default="0.1.0")
+    parser.add_argument(
+        "--cache", type=Path, default=None,
+        help="preprocessed-study cache (default $PDACSCREEN_WORK/engine/cache)",
+    )
+    parser.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
+
+
+def split_records(records: list, *, fraction: float, seed: int) -> tuple[list, list]:
+    """Stratified (by lesion type) deterministic split into (train, validation)."""
+    if not 0.0 < fraction < 1.0:
+        raise TrainingError(f"--val-fraction must be in (0, 1), got {fraction}")
+    rng = np.random.default_rng(seed + 7919)
+    train, val = [], []
+    for kind in sorted({r.lesion_type for r in records}):
+        group = sorted((r for r in records if r.lesion_type == kind), key=lambda r: r.series_uid)
+        order = rng.permutation(len(group))
+        n_val = int(round(fraction * len(group)))
+        for rank, i in enumerate(order):
+            (val if rank < n_val else train).append(group[i])
+    return sorted(train, key=lambda r: r.series_uid), sorted(val, key=lambda r: r.series_uid)
+
+
+def _normalise(hu: np.ndarray, pre: dict) -> np.ndarray:
+    lo, hi = pre["window_hu"]
+    return ((np.clip(hu, lo, hi) - pre["mean"]) / pre["std"]).astype(np.float32)
+
+
+def _centre_near(label: np.ndarray, rng: np.random.Generator, *, value: int | None, jitter: np.ndarray) -> np.ndarray:
+    idx = np.argwhere(label == value) if value is not None else np.argwhere(label > 0)
+    if len(idx) == 0:
+        return (np.array(label.shape) - 1) / 2.0
+    return idx[rng.integers(len(idx))] + rng.uniform(-jitter, jitter)
+
+
+def make_stage1_draw(studies: list[CachedStudy], *, patch, batch: int, pre: dict, aug: AugmentConfig):
+    """Batches of coarse whole-scan patches: 2/3 centred near the pancreas, 1/3 anywhere."""
+
+    def draw(rng: np.random.Generator) -> Batch:
+        xs, ys = [], []
+        for _ in range(batch):
+            s = studies[rng.integers(len(studies))]
+            shape = np.array(s.coarse_hu.shape)
+            if rng.random() < 0.67:
+                centre = _centre_near(s.coarse_label, rng, value=None, jitter=np.array(patch) / 4.0)
+            else:
+                centre = rng.uniform(0, shape - 1)
+            hu, lab = sample_patch(s.coarse_hu, s.coarse_label, centre=centre, patch=tuple(patch), rng=rng, cfg=aug)
+            xs.append(_normalise(hu, pre)[None])
+            ys.append(lab)
+        return Batch(np.stack(xs), np.stack(ys).astype(np.int64))
+
+    return draw
+
+
+def make_stage2_draw(studies: list[CachedStudy], *, patch, batch: int, pre: dict, aug: AugmentConfig):
+    """Batches of fine pancreas patches; window label = PDAC voxels inside the patch.
+
+    70% of the PDAC studies' patches are centred on the lesion, the rest near random pancreas
+    voxels, so both classes of the head see lesions at the window edge too.
+    """
+    pos = [s for s in studies if s.pdac]
+    neg = [s for s in studies if not s.pdac]
+    if not pos or not neg:
+        raise TrainingError(f"training needs PDAC and non-PDAC studies, got {len(pos)} and {len(neg)}")
+
+    def draw(rng: np.random.Generator) -> Batch:
+        xs, ys, cs = [], [], []
+        for _ in range(batch):
+            s = (pos if rng.random() < 0.5 else neg)
+            s = s[rng.integers(len(s))]
+            jitter = np.array(patch) / 3.0
+            value = 2 if s.pdac and rng.random() < 0.7 else None
+            centre = _centre_near(s.fine_label, rng, value=value, jitter=jitter)
+            hu, lab = sample_patch(s.fine_hu, s.fine_label, centre=centre, patch=tuple(patch), rng=rng, cfg=aug)
+            xs.append(_normalise(hu, pre)[None])
+            ys.append(lab)
+            cs.append(1.0 if (lab == 2).sum() >= 4 else 0.0)
+        return Batch(np.stack(xs), np.stack(ys).astype(np.int64), np.array(cs, np.float32))
+
+    return draw
+
+
+def _progress(stage: str):
+    def cb(step: int, total: int, loss: float) -> None:
+        log.info("%s %d/%d loss %.4f", stage, step, total, loss)
+
+    return cb
+
+
+def _thresholds(scores: np.ndarray, labels: np.ndarray) -> dict:
+    """Thresholds at >= 95% and >= 99% specificity on the validation negatives."""
+    neg = np.sort(scores[labels == 0])
+    out = {}
+    for spec, key in ((0.95, "specificity_95"), (0.99, "specificity_99")):
+        if len(neg) == 0:
+            out[key] = 0.5
+            continue
+        k = int(np.ceil(spec * len(neg))) - 1  # index of the last negative allowed below threshold
+        t = float(neg[min(k, len(neg) - 1)])
+        out[key] = float(np.nextafter(np.float32(t), np.float32(1.0)))
+    return out
+
+
+def _validate(package_dir: Path, records: list, *, threads: int) -> dict:
+    """Run the packaged detector on validation studies; returns scores and metrics."""
+    from pdacscreen.engine.inference import Detector
+    from pdacscreen.engine.metrics import auroc, sensitivity_at
+
+    det = Detector(load_package(package_dir), backend="onnxruntime", threads=threads)
+    scores, labels, small = [], [], []
+    for i, rec in enumerate(records):
+        volume, _ = load_study(rec)
+        res = det.detect(volume)
+        p = res.pdac_probability
+        scores.append(0.0 if np.isnan(p) else p)
+        labels.append(int(rec.pdac))
+        small.append(rec.pdac and rec.lesion_diameter_mm < 20.0)
+        log.info("validation %d/%d p=%.3f truth=%s", i + 1, len(records), scores[-1], rec.lesion_type)
+    s, y = np.array(scores), np.array(labels)
+    th = _thresholds(s, y)
+    return {
+        "scores": s,
+        "labels": y,
+        "thresholds": th,
+        "auroc": auroc(s, y),
+        "sensitivity_at_95": sensitivity_at(s, y, th["specificity_95"]),
+        "sensitivity_at_99": sensitivity_at(s, y, th["specificity_99"]),
+        "studies": len(records),
+        "positives": int(y.sum()),
+    }
+
+
+def _train_command() -> str:
+    argv = sys.argv[1:]
+    if "train" in argv:
+        argv = argv[argv.index("train") + 1 :]
+    return "pdacscreen train " + " ".join(argv)
+
+
+def _phantom_command(archive: Path, studies: int) -> str:
+    """The ``pdacscreen phantom`` command that made ``archive`` (from its phantom.json)."""
+    import json
+
+    meta_path = Path(archive) / "phantom.json"
+    if not meta_path.is_file():
+        return ""
+    meta = json.loads(meta_path.read_text())
+    return (
+        f"pdacscreen phantom --out {archive} --studies {studies} --seed {meta.get('seed')} "
+        f"--matrix {meta.get('matrix')} --compress {meta.get('compress', 'none')} "
+        f"--pdac-fraction {meta.get('pdac_fraction', 0.5)}"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from pdacscreen.engine.export import write_package
+    from pdacscreen.engine.modelcard import write_model_card
+
+    console = Console(stderr=True)
+    t_start = time.perf_counter()
+    set_determinism(args.seed, args.threads)
+    manifest = default_manifest(name=args.name, version=args.version)
+    pre = manifest["preprocessing"]
+    st1, st2 = manifest["stages"]["stage1"], manifest["stages"]["stage2"]
+    work = Path(os.environ.get("PDACSCREEN_WORK", "work"))
+    cache = args.cache or work / "engine" / "cache"
+    records = archive_records(args.archive)
+    train_recs, val_recs = split_records(records, fraction=args.val_fraction, seed=args.seed)
+    console.print(f"[bold]train[/]: {len(records)} studies, {len(train_recs)} training, {len(val_recs)} validation")
+    paths = build_cache(
+        train_recs, cache_dir=cache, coarse_mm=tuple(st1["spacing_mm"]), fine_mm=tuple(st2["spacing_mm"]),
+        progress=lambda i, n: log.info("cache %d/%d", i, n),
+    )
+    studies = [load_cached(p, r) for p, r in zip(paths, train_recs, strict=True)]
+    t_cache = time.perf_counter() - t_start
+    console.print(f"cache ready in {t_cache:.0f}s")
+    aug = AugmentConfig()
+    steps1 = max(1, int(args.stage1_steps * args.epochs))
+    steps2 = max(1, int(args.stage2_steps * args.epochs))
+    net1 = build_network(NetworkSpec(out_channels=2, base=args.base1, depth=3))
+    draw1 = make_stage1_draw(studies, patch=st1["patch"], batch=args.batch, pre=pre, aug=aug)
+    hist1 = train_stage(net1, draw1, settings=StageTraining(steps=steps1, lr=3e-3), seed=args.seed, name="stage1")
+    console.print(f"stage 1 done ({steps1} steps) in {time.perf_counter() - t_start:.0f}s, loss {hist1[-1]['loss']:.3f}")
+    net2 = build_network(NetworkSpec(out_channels=3, base=args.base2, depth=3, cls_head=True))
+    patch2 = tuple(args.train_patch2) if args.train_patch2 else tuple(st2["patch"])
+    draw2 = make_stage2_draw(studies, patch=patch2, batch=args.batch, pre=pre, aug=aug)
+    hist2 = train_stage(
+        net2, draw2, settings=StageTraining(steps=steps2, lr=2e-3, class_weights=(1.0, 2.0, 8.0)),
+        seed=args.seed + 1, name="stage2",
+    )
+    console.print(f"stage 2 done ({steps2} steps) in {time.perf_counter() - t_start:.0f}s, loss {hist2[-1]['loss']:.3f}")
+    command = args.command_line or _train_command()
+    manifest["training_data"] = {
+        "archive": str(args.archive),
+        "studies": len(records),
+        "training_studies": len(train_recs),
+        "validation_studies": len(val_recs),
+        "by_type": {t: sum(r.lesion_type == t for r in records) for t in sorted({r.lesion_type for r in records})},
+        "seed": args.seed,
+        "command": command,
+        "commands": [c for c in (_phantom_command(args.archive, len(records)), command) if c],
+        "stage1_steps": steps1,
+        "stage2_steps": steps2,
+        "stage2_training_patch": list(patch2),
+        "batch": args.batch,
+        "augmentation": {k: v for k, v in aug.__dict__.items()},
+    }
+    write_package(args.out, nets={"stage1": net1, "stage2": net2}, manifest=manifest)
+    val = _validate(args.out, val_recs, threads=args.threads)
+    th = val["thresholds"]
+    manifest["thresholds"] = {
+        "operating": th["specificity_95"],
+        "specificity_95": th["specificity_95"],
+        "specificity_99": th["specificity_99"],
+        "method": (
+            f"chosen on the validation split ({val['studies']} studies, {val['positives']} PDAC) by "
+            "running the packaged detector: the lowest probability with specificity >= 0.95 (resp. "
+            ">= 0.99) on the validation non-PDAC studies; operating = the 95%-specificity threshold"
+        ),
+    }
+    manifest["metrics"] = {
+        "validation": {k: v for k, v in val.items() if k not in ("scores", "labels", "thresholds")},
+        "training_seconds": round(time.perf_counter() - t_start, 1),
+        "loss": {"stage1": hist1[-1]["loss"], "stage2": hist2[-1]["loss"]},
+    }
+    write_package(args.out, nets={"stage1": net1, "stage2": net2}, manifest=manifest)
+    write_model_card(args.out)
+    console.print(
+        f"[green]wrote[/] {args.out}: validation AUROC {val['auroc']:.3f}, "
+        f"sensitivity {val['sensitivity_at_95']:.2f} at 95% specificity; "
+        f"{time.perf_counter() - t_start:.0f}s in all"
+    )
+    return 0

@@ -1,0 +1,430 @@
+"""DICOM series -> :class:`CTVolume` (HU, true geometry), and the ``pdacscreen volume`` command.
+
+Geometry comes from ImageOrientationPatient (IOP) and ImagePositionPatient (IPP) only: slices are
+ordered by the projection of IPP on the slice normal ``n = row_dir x col_dir``, never by
+InstanceNumber or SliceLocation, and the tilt tag is ignored.  What :func:`load_series` does with
+each irregular case (tolerance ``tol = max(0.01 mm, 2 % of the step)``):
+
+=====================  =====================================================================
+case                   behaviour
+=====================  =====================================================================
+several series         refused unless ``series_instance_uid`` picks one (``InputError``)
+duplicate file         same SOPInstanceUID twice: one kept, flag ``duplicate_files``
+duplicate position     several images at one position: identical pixels -> one kept, flag
+                       ``duplicate_positions``; different pixels -> ``DuplicatePositionError``
+single image           ``NotAVolumeError``; all images at one position -> ``NotAVolumeError``
+mixed matrix / pixel   ``MixedGeometryError`` (names the values found)
+spacing / orientation
+missing slice          gap that is a whole multiple of the step: ``MissingSliceError`` (names
+                       the gap), or with ``on_missing_slice="resample"`` linear interpolation,
+                       flag ``missing_slice_interpolated``
+uneven spacing         any other varying gap: resampled (linear, along the slice line) onto a
+                       regular grid at the median gap, flag ``uneven_spacing``; with
+                       ``on_uneven="refuse"`` -> ``UnevenSpacingError``
+gantry tilt            the step between slices is not along the normal: kept as acquired, the
+                       affine's slice column is the true (sheared) step vector so world
+                       coordinates are exact; flag ``gantry_tilt``, ``provenance["tilt_deg"]``
+non-collinear slices   IPPs not on one line: ``GeometryError`` (code ``non_collinear``)
+padding, out of field  PixelPaddingValue(/RangeLimit) and values below -1024 HU -> -1024 HU
+compressed pixels      decoded by pydicom's plugins; unsupported -> UnsupportedTransferSyntaxError
+lossy compression      loaded, flag ``lossy_compression``
+multi-frame, colour    ``UnsupportedImageError``
+=====================  =====================================================================
+
+Output: ``array`` float32 HU ``(z, y, x)``; ``spacing`` ``(dz, dy, dx)`` mm with ``dz`` the
+distance between slice centres along the normal; ``affine`` maps ``(k, j, i, 1)`` to LPS mm.
+Uncompressed pixels are copied straight from the files in this process; compressed series are
+decoded by a pool of ``workers`` processes (the JPEG / JPEG-LS / JPEG 2000 / RLE decoders hold the
+GIL, measured: two threads are no faster than one).  Only one series is held in memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import logging
+import multiprocessing as mp
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pdacscreen.io.ctvolume import CTVolume
+from pdacscreen.io.dicomio import _NATIVE, AIR_HU, DecodedSlice, read_slice, to_hu
+from pdacscreen.io.errors import (
+    DuplicatePositionError,
+    GeometryError,
+    InputError,
+    MissingSliceError,
+    MixedGeometryError,
+    NotAVolumeError,
+    UnevenSpacingError,
+)
+from pdacscreen.io.pseudonym import resolve_key
+
+__all__ = ["load_series", "series_geometry", "SeriesGeometry"]
+
+log = logging.getLogger(__name__)
+
+_POS_TOL_MM = 0.01
+_REL_TOL = 0.02
+_DIR_TOL = 1e-3
+_TILT_MIN_DEG = 0.1
+
+@dataclass(frozen=True)
+class SeriesGeometry:
+    """Slice geometry of a series, before any resampling.
+
+    ``order``: indices of the input slices sorted along the normal; ``positions``: their
+    distances along the normal (mm, ascending); ``gaps``: ``diff(positions)``; ``step``: median gap
+    (mm); ``step_vector``: mean IPP difference per slice (LPS mm, the sheared step for a tilted
+    series); ``tilt_deg``: angle between ``step_vector`` and the normal; ``kind``: "regular",
+    "missing_slice" or "uneven"; ``missing``: slices missing per gap (0 where none).
+    """
+
+    order: tuple[int, ...]
+    positions: tuple[float, ...]
+    gaps: tuple[float, ...]
+    step: float
+    step_vector: tuple[float, float, float]
+    normal: tuple[float, float, float]
+    row_dir: tuple[float, float, float]
+    col_dir: tuple[float, float, float]
+    pixel_spacing: tuple[float, float]
+    origin: tuple[float, float, float]
+    tilt_deg: float
+    kind: str
+    missing: tuple[int, ...]
+
+
+def _tol(step: float) -> float:
+    return max(_POS_TOL_MM, _REL_TOL * abs(step))
+
+
+def series_geometry(infos: Sequence[dict], *, series: str = "") -> SeriesGeometry:
+    """Geometry of single-frame slices from their header fields (index-row style dicts).
+
+    Raises typed errors for what cannot form a volume (see the module docstring).
+    """
+    where = f"series {series or '?'}: "
+    n = len(infos)
+    if n == 0:
+        raise InputError(f"{where}no files given")
+    if n == 1:
+        raise NotAVolumeError(f"{where}a single image is not a volume (need >= 2 slices)")
+    for key_, name in (("image_orientation_patient", "ImageOrientationPatient"),
+                       ("image_position_patient", "ImagePositionPatient"),
+                       ("pixel_spacing", "PixelSpacing")):
+        bad = [i for i in infos if not i.get(key_)]
+        if bad:
+            raise GeometryError(f"{where}{name} missing in {len(bad)} of {n} files "
+                                f"(e.g. {bad[0].get('path')})", code="missing_geometry")
+    shapes = sorted({(i["rows"], i["columns"]) for i in infos})
+    if len(shapes) > 1:
+        raise MixedGeometryError(f"{where}mixed matrix sizes (rows, columns) {shapes}; allowed: one")
+    iops = np.array([i["image_orientation_patient"] for i in infos], float)
+    if np.abs(iops - iops[0]).max() > _DIR_TOL:
+        raise MixedGeometryError(f"{where}mixed ImageOrientationPatient: "
+                                 f"{sorted({tuple(np.round(v, 4)) for v in iops})[:3]}")
+    pss = np.array([i["pixel_spacing"] for i in infos], float)
+    if np.abs(pss - pss[0]).max() > 1e-4:
+        raise MixedGeometryError(f"{where}mixed PixelSpacing {sorted({tuple(v) for v in pss})[:3]}")
+    row_dir, col_dir = iops[0, :3], iops[0, 3:]
+    row_dir, col_dir = row_dir / np.linalg.norm(row_dir), col_dir / np.linalg.norm(col_dir)
+    normal = np.cross(row_dir, col_dir)
+    normal /= np.linalg.norm(normal)
+    ipp = np.array([i["image_position_patient"] for i in infos], float)
+    d = ipp @ normal
+    order = np.argsort(d, kind="stable")
+    d, ipp = d[order], ipp[order]
+    gaps = np.diff(d)
+    if d[-1] - d[0] <= _POS_TOL_MM:
+        raise NotAVolumeError(f"{where}all {n} images lie at one position ({d[0]:.2f} mm along the "
+                              "normal): not a volume (several acquisitions, echoes or a time series?)")
+    if (gaps <= _POS_TOL_MM).any():
+        k = int(np.argmax(gaps <= _POS_TOL_MM))
+        raise DuplicatePositionError(
+            f"{where}{int((gaps <= _POS_TOL_MM).sum())} images share a slice position with "
+            f"another (first at {d[k]:.2f} mm along the normal); allowed: one image per position")
+    step = float(np.median(gaps))
+    tol = _tol(step)
+    multiples = np.maximum(np.rint(gaps / step), 1)
+    if np.abs(gaps - step).max() <= tol:
+        kind, missing = "regular", np.zeros(len(gaps), int)
+    elif np.abs(gaps - multiples * step).max() <= tol and (multiples >= 2).any():
+        kind, missing = "missing_slice", (multiples - 1).astype(int)
+    else:
+        kind, missing = "uneven", np.zeros(len(gaps), int)
+    # the slice line: IPPs must be collinear; the step vector is the direction per mm of normal
+    span = ipp[-1] - ipp[0]
+    per_mm = span / (d[-1] - d[0])  # LPS displacement per mm along the normal
+    resid = ipp - (ipp[0] + np.outer(d - d[0], per_mm))
+    if np.linalg.norm(resid, axis=1).max() > max(tol, 0.05):
+        raise GeometryError(f"{where}slice positions are not on one line (max deviation "
+                            f"{np.linalg.norm(resid, axis=1).max():.3f} mm)", code="non_collinear")
+    step_vector = per_mm * step
+    cosang = float(np.clip(abs(per_mm @ normal) / np.linalg.norm(per_mm), -1, 1))
+    tilt = float(np.degrees(np.arccos(cosang)))
+    return SeriesGeometry(
+        order=tuple(int(o) for o in order), positions=tuple(float(v) for v in d),
+        gaps=tuple(float(g) for g in gaps), step=step,
+        step_vector=tuple(float(v) for v in step_vector), normal=tuple(float(v) for v in normal),
+        row_dir=tuple(float(v) for v in row_dir), col_dir=tuple(float(v) for v in col_dir),
+        pixel_spacing=(float(pss[0, 0]), float(pss[0, 1])), origin=tuple(float(v) for v in ipp[0]),
+        tilt_deg=tilt, kind=kind, missing=tuple(int(m) for m in missing),
+    )
+
+
+_POOLS: dict[int, ProcessPoolExecutor] = {}
+_POOL_MIN_FILES = 16
+
+
+def _decode_chunk(paths: list[str], key: bytes) -> list[DecodedSlice]:
+    return [read_slice(p, key=key) for p in paths]
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    """A decoder pool kept for the life of the process (forkserver: safe with threads)."""
+    pool = _POOLS.get(workers)
+    if pool is None:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["pdacscreen.io.dicomio"])
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+        _POOLS[workers] = pool
+        atexit.register(pool.shutdown, wait=False, cancel_futures=True)
+    return pool
+
+
+def _decode_all(files: Sequence[str], *, key: bytes, workers: int) -> list[DecodedSlice]:
+    """Decode every file. Native (uncompressed) pixels are read in this process (a plain copy,
+    cheaper than shipping arrays between processes); compressed ones in ``workers`` processes,
+    because pydicom's JPEG/JPEG-LS/JPEG 2000/RLE decoders hold the GIL (threads do not help)."""
+    first = read_slice(files[0], key=key)
+    rest = list(files[1:])
+    if workers <= 1 or len(rest) < _POOL_MIN_FILES or first.info["transfer_syntax_uid"] in _NATIVE:
+        return [first] + [read_slice(f, key=key) for f in rest]
+    size = max(1, min(16, len(rest) // (4 * workers)))
+    chunks = [rest[i : i + size] for i in range(0, len(rest), size)]
+    try:
+        pool = _pool(workers)
+        out = [first]
+        for part in pool.map(_decode_chunk, chunks, [key] * len(chunks)):
+            out.extend(part)
+        return out
+    except (OSError, BrokenProcessPool, AssertionError) as e:  # no children allowed here
+        log.warning("decoder pool unavailable (%s); decoding in this process", e)
+        _POOLS.pop(workers, None)
+        return [first] + [read_slice(f, key=key) for f in rest]
+
+
+def _dedupe(slices: list[DecodedSlice], flags: list[str]) -> list[DecodedSlice]:
+    seen: dict[str, DecodedSlice] = {}
+    for s in slices:
+        uid = s.info["sop_instance_uid"]
+        if uid in seen:
+            if "duplicate_files" not in flags:
+                flags.append("duplicate_files")
+            continue
+        seen[uid] = s
+    return list(seen.values())
+
+
+def _drop_identical_positions(slices: list[DecodedSlice], flags: list[str]) -> list[DecodedSlice]:
+    """Drop images whose position and pixels equal another's (a re-sent image with a new UID)."""
+    keyed: dict[tuple, DecodedSlice] = {}
+    out = []
+    for s in slices:
+        k = tuple(np.round(s.info["image_position_patient"] or (), 2))
+        prev = keyed.get(k)
+        if prev is not None and np.array_equal(prev.stored, s.stored):
+            if "duplicate_positions" not in flags:
+                flags.append("duplicate_positions")
+            continue
+        keyed.setdefault(k, s)
+        out.append(s)
+    return out
+
+
+def load_series(
+    files: Sequence[str | Path],
+    *,
+    workers: int = 2,
+    series_instance_uid: str | None = None,
+    key: bytes | None = None,
+    on_uneven: str = "resample",
+    on_missing_slice: str = "refuse",
+) -> CTVolume:
+    """Load one CT series from its single-frame files into a :class:`CTVolume` in HU.
+
+    ``files``: the series' files, any order (other series' files are ignored when
+    ``series_instance_uid`` is given).  ``workers``: decoding processes for compressed series.  ``key``: pseudonym key
+    (see :func:`pdacscreen.io.pseudonym.resolve_key`).  ``on_uneven``: "resample" | "refuse";
+    ``on_missing_slice``: "refuse" | "resample".  See the module docstring for every case handled
+    or refused, and the typed error raised.
+    """
+    for name, val, allowed in (("on_uneven", on_uneven, ("resample", "refuse")),
+                               ("on_missing_slice", on_missing_slice, ("refuse", "resample"))):
+        if val not in allowed:
+            raise InputError(f"{name}={val!r} is not allowed; use one of {allowed}")
+    if workers < 1:
+        raise InputError(f"workers must be >= 1, got {workers}")
+    key = resolve_key(key)
+    paths = [str(f) for f in files]
+    if not paths:
+        raise InputError("files is empty; pass the files of one series")
+    slices = _decode_all(paths, key=key, workers=workers)
+    uids = sorted({s.info["series_instance_uid"] for s in slices})
+    if series_instance_uid is not None:
+        slices = [s for s in slices if s.info["series_instance_uid"] == series_instance_uid]
+        if not slices:
+            raise InputError(f"series_instance_uid={series_instance_uid!r} is not among the files' "
+                             f"series {uids[:5]}")
+    elif len(uids) > 1:
+        raise InputError(f"files hold {len(uids)} series ({uids[:5]}); pass series_instance_uid",
+                         code="mixed_series")
+    series = slices[0].info["series_instance_uid"]
+    flags: list[str] = []
+    slices = _drop_identical_positions(_dedupe(slices, flags), flags)
+    geo = series_geometry([s.info | {"path": s.path} for s in slices], series=series)
+    ordered = [slices[i] for i in geo.order]
+    rows, cols = ordered[0].stored.shape
+    array = np.empty((len(ordered), rows, cols), dtype=np.float32)
+    for k, s in enumerate(ordered):
+        to_hu(s.stored, slope=s.slope, intercept=s.intercept, padding_value=s.padding_value,
+              padding_limit=s.padding_limit, out=array[k])
+    positions = np.asarray(geo.positions)
+    where = f"series {series}: "
+    if geo.kind == "missing_slice":
+        gaps_at = [f"{positions[i]:.2f}->{positions[i + 1]:.2f} mm ({m} missing)"
+                   for i, m in enumerate(geo.missing) if m]
+        if on_missing_slice == "refuse":
+            raise MissingSliceError(
+                f"{where}{sum(geo.missing)} slice(s) missing: gap(s) {', '.join(gaps_at)} with a "
+                f"step of {geo.step:.3f} mm; allowed: none (or on_missing_slice='resample')")
+        flags.append("missing_slice_interpolated")
+    elif geo.kind == "uneven":
+        if on_uneven == "refuse":
+            raise UnevenSpacingError(
+                f"{where}uneven slice spacing: gaps from {min(geo.gaps):.3f} to {max(geo.gaps):.3f}"
+                f" mm (median {geo.step:.3f}); allowed: one step (or on_uneven='resample')")
+        flags.append("uneven_spacing")
+    if geo.kind != "regular":
+        array = _resample_regular(array, positions, geo.step)
+    if geo.tilt_deg > _TILT_MIN_DEG:
+        flags.append("gantry_tilt")
+    if any(s.lossy for s in ordered):
+        flags.append("lossy_compression")
+    for s in ordered:
+        for f in filter(None, s.info["flags"].split(",")):
+            if f not in flags:
+                flags.append(f)
+    dy, dx = geo.pixel_spacing  # PixelSpacing = (between rows, between columns)
+    affine = np.eye(4)
+    affine[:3, 0] = geo.step_vector
+    affine[:3, 1] = np.asarray(geo.col_dir) * dy
+    affine[:3, 2] = np.asarray(geo.row_dir) * dx
+    affine[:3, 3] = geo.origin
+    first = ordered[0].info
+    prov = {
+        "n_files": len(paths), "n_slices_read": len(ordered),
+        "transfer_syntaxes": sorted({s.info["transfer_syntax_uid"] for s in ordered}),
+        "manufacturer": first["manufacturer"], "model": first["manufacturer_model_name"],
+        "convolution_kernel": first["convolution_kernel"],
+        "slice_thickness": first["slice_thickness"], "series_description": first["series_description"],
+        "study_date": first["study_date"], "tilt_deg": round(geo.tilt_deg, 4),
+        "geometry": geo.kind, "step_mm": geo.step,
+        "gaps_mm": [round(g, 4) for g in geo.gaps] if geo.kind != "regular" else [],
+        "source_positions_mm": [round(p, 4) for p in geo.positions] if geo.kind != "regular" else [],
+    }
+    vol = CTVolume(
+        array=array, spacing=(abs(geo.step), dy, dx), affine=affine,
+        study_instance_uid=first["study_instance_uid"] or "", series_instance_uid=series or "",
+        patient_key=first["patient_key"] or "", flags=tuple(flags), provenance=prov,
+    )
+    log.debug("loaded series %s: shape %s flags %s", series, vol.shape, flags)
+    return vol
+
+
+def _resample_regular(array: np.ndarray, positions: np.ndarray, step: float) -> np.ndarray:
+    """Linear interpolation of slices at ``positions`` (ascending, mm) onto ``p0 + k * step``."""
+    n_out = int(np.floor((positions[-1] - positions[0]) / step + 1e-6)) + 1
+    targets = positions[0] + step * np.arange(n_out)
+    out = np.empty((n_out,) + array.shape[1:], dtype=np.float32)
+    hi = np.clip(np.searchsorted(positions, targets, side="left"), 1, len(positions) - 1)
+    for k, (t, h) in enumerate(zip(targets, hi, strict=True)):
+        lo_p, hi_p = positions[h - 1], positions[h]
+        w = float(np.clip((t - lo_p) / (hi_p - lo_p), 0.0, 1.0))
+        np.multiply(array[h - 1], np.float32(1 - w), out=out[k])
+        out[k] += np.float32(w) * array[h]
+    np.maximum(out, np.float32(AIR_HU), out=out)
+    return out
+
+
+# --- CLI -------------------------------------------------------------------------------------
+
+
+def _files_for(target: str, *, index: Path | None, key: bytes) -> tuple[list[str], str | None]:
+    """Files of the requested series: a file, a folder (one series) or a SeriesInstanceUID."""
+    p = Path(target)
+    if p.exists():
+        from pdacscreen.io.dicomio import header_row
+
+        paths = [str(p)] if p.is_file() else sorted(str(f) for f in p.rglob("*") if f.is_file())
+        rows = [header_row(f, key=key) for f in paths]
+        ok = [r for r in rows if r["status"] == "ok"]
+        uids = sorted({r["series_instance_uid"] for r in ok})
+        if len(uids) > 1:
+            raise InputError(f"{target} holds {len(uids)} series: {uids}; pass one as --series",
+                             code="mixed_series")
+        if not ok:
+            raise InputError(f"{target} holds no loadable image "
+                             f"({sorted({r['error_code'] for r in rows})})", code="no_images")
+        return [r["path"] for r in ok], uids[0]
+    if index is None:
+        raise InputError(f"{target!r} is neither a file nor a folder; a SeriesInstanceUID needs "
+                         "--index DIR")
+    from pdacscreen.io.index import read_index
+
+    df = read_index(index)
+    df = df[(df["series_instance_uid"] == target) & (df["status"] == "ok")]
+    if df.empty:
+        raise InputError(f"series_instance_uid={target!r} has no ok files in index {index}")
+    return df["path"].tolist(), target
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", help="a DICOM file, a folder holding one series, or a "
+                        "SeriesInstanceUID (with --index)")
+    parser.add_argument("--out", type=Path, required=True, help="output .nii or .nii.gz")
+    parser.add_argument("--index", type=Path, default=None, help="index folder (for a UID)")
+    parser.add_argument("--series", default=None, help="SeriesInstanceUID within a folder")
+    parser.add_argument("--workers", type=int, default=2, help="decoding processes")
+    parser.add_argument("--on-uneven", choices=("resample", "refuse"), default="resample")
+    parser.add_argument("--on-missing-slice", choices=("refuse", "resample"), default="refuse")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from pdacscreen.io.errors import PdacscreenError
+    from pdacscreen.io.nifti import write_nifti
+
+    console = Console()
+    key = resolve_key(None)
+    try:
+        if args.series is not None:
+            files, uid = [str(f) for f in Path(args.target).rglob("*") if f.is_file()], args.series
+        else:
+            files, uid = _files_for(args.target, index=args.index, key=key)
+        vol = load_series(files, workers=args.workers, series_instance_uid=uid, key=key,
+                          on_uneven=args.on_uneven, on_missing_slice=args.on_missing_slice)
+    except PdacscreenError as e:
+        console.print(f"[red]refused[/red] ({e.code}): {e}")
+        return 2
+    write_nifti(vol, args.out)
+    console.print(f"wrote {args.out}: shape (z, y, x) {vol.shape}, spacing {vol.spacing} mm, "
+                  f"flags {list(vol.flags)}")
+    return 0

@@ -1,0 +1,122 @@
+"""Detector end to end on a small phantom, evidence files, batching, QC, bounded memory."""
+
+from __future__ import annotations
+
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+from test_engine_package import tiny_package
+
+from pdacscreen.engine.errors import InferenceError
+from pdacscreen.engine.evidence import write_evidence
+from pdacscreen.engine.inference import FINDINGS_COLUMNS, Detector
+from pdacscreen.engine.package import load_package
+from pdacscreen.engine.tiling import plan_tiles
+from pdacscreen.io.ctvolume import CTVolume, affine_from_geometry, nifti_affine
+from pdacscreen.io.phantom import make_subject
+
+PATCH1, PATCH2 = (32, 64, 64), (32, 48, 64)
+
+
+@pytest.fixture(scope="module")
+def volume() -> CTVolume:
+    s = make_subject(11, matrix=128, lesion_type="pdac")
+    return CTVolume(s.noncontrast, s.spacing, s.affine, series_instance_uid="1.2.826.0.1.11")
+
+
+@pytest.fixture(scope="module")
+def detector(tmp_path_factory) -> Detector:
+    # Stage 1 biased to "pancreas everywhere": the box is the whole scan capped at max_box_mm.
+    root = tiny_package(tmp_path_factory.mktemp("pkg") / "p", patch1=PATCH1, patch2=PATCH2, organ_bias=(0.0, 6.0))
+    return Detector(load_package(root), backend="onnxruntime", batch_size=4)
+
+
+def test_result_row_is_sane(detector, volume):
+    r = detector.detect(volume)
+    row = r.to_row()
+    assert tuple(row) == FINDINGS_COLUMNS
+    assert 0.0 <= row["pdac_probability"] <= 1.0
+    assert row["pdac_flag"] == (row["pdac_probability"] >= row["operating_threshold"])
+    assert isinstance(row["qc_flags"], list)
+    assert row["lesion_location"] in ("head", "body", "tail", "")
+    assert row["pancreas_volume_ml"] > 0 and row["lesion_count"] >= 0
+    if row["lesion_count"]:
+        assert row["lesion_volume_ml"] > 0 and row["lesion_diameter_mm"] > 0
+    assert set(r.timings) >= {"stage1_preprocess", "stage1", "crop", "stage2", "postprocess"}
+    assert len(detector.config_hash) == 64 and detector.backend_name == "onnxruntime-cpu"
+    # the localiser saw pancreas everywhere, so the scan's border is touched
+    assert "pancreas_cut_by_fov" in r.qc_flags
+    assert r.masks is not None and r.masks.pancreas.shape == r.masks.lesion.shape
+
+
+def test_batch_equals_single(detector, volume):
+    shifted = CTVolume(np.ascontiguousarray(volume.array[:, ::-1]), volume.spacing, volume.affine)
+    single = [detector.detect(v).to_row() for v in (volume, shifted)]
+    batched = [r.to_row() for r in detector.detect_batch([volume, shifted])]
+    for a, b in zip(single, batched, strict=True):
+        for k in FINDINGS_COLUMNS:
+            if isinstance(a[k], float) and math.isnan(a[k]):
+                assert math.isnan(b[k])
+            elif isinstance(a[k], float):
+                assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-5), k
+            else:
+                assert a[k] == b[k], k
+
+
+def test_evidence_files(detector, volume, tmp_path):
+    r = detector.detect(volume)
+    out = write_evidence(r, volume, tmp_path / "ev")
+    assert out == tmp_path / "ev"
+    for name in ("pancreas_mask.nii.gz", "lesion_mask.nii.gz"):
+        img = nib.load(str(out / name))
+        assert img.shape == volume.shape[::-1]  # NIfTI stores (x, y, z)
+        np.testing.assert_allclose(img.affine, nifti_affine(volume.affine), atol=1e-4)
+        data = np.asarray(img.dataobj)
+        assert data.dtype == np.uint8 and set(np.unique(data)) <= {0, 1}
+    pancreas = np.asarray(nib.load(str(out / "pancreas_mask.nii.gz")).dataobj)
+    ml = pancreas.sum() * float(np.prod(volume.spacing)) / 1000.0
+    assert ml == pytest.approx(r.pancreas_volume_ml, rel=0.25)  # same mask on another grid
+    png = Image.open(out / "key.png")
+    assert png.mode == "RGB" and png.width >= 512
+    first = (out / "key.png").read_bytes(), (out / "lesion_mask.nii.gz").read_bytes()
+    write_evidence(r, volume, tmp_path / "again")
+    assert (tmp_path / "again" / "key.png").read_bytes() == first[0]
+    assert (tmp_path / "again" / "lesion_mask.nii.gz").read_bytes() == first[1]
+
+
+def test_pancreas_not_found(tmp_path, volume):
+    root = tiny_package(tmp_path / "p", patch1=PATCH1, patch2=PATCH2, organ_bias=(6.0, 0.0))
+    r = Detector(load_package(root), backend="onnxruntime").detect(volume)
+    assert "pancreas_not_found" in r.qc_flags
+    assert math.isnan(r.pdac_probability) and r.pdac_flag is False and r.masks is None
+    write_evidence(r, volume, tmp_path / "ev")  # still writes (empty masks, a key image)
+    assert (tmp_path / "ev" / "key.png").is_file()
+
+
+def test_memory_bounded_on_a_large_scan(detector):
+    # 800 x 640 x 640 mm: the stage-2 box (and so its windows) is capped by max_box_mm.
+    rng = np.random.default_rng(0)
+    z, y, x = np.mgrid[0:200, 0:160, 0:160]
+    body = ((y - 80) ** 2 / 70**2 + (x - 80) ** 2 / 75**2) < 1
+    arr = np.where(body, 40.0, -1000.0).astype(np.float32) + rng.normal(0, 5, body.shape).astype(np.float32)
+    aff = affine_from_geometry(
+        origin=np.zeros(3), row_dir=np.array([1.0, 0, 0]), col_dir=np.array([0, 1.0, 0]),
+        slice_dir=np.array([0, 0, 1.0]), spacing=(4.0, 4.0, 4.0),
+    )
+    big = CTVolume(arr, (4.0, 4.0, 4.0), aff)
+    r = detector.detect(big)
+    st2 = detector.package.stage2
+    limit = tuple(int(round(m / s)) + 1 for m, s in zip(st2.max_box_mm, st2.spacing_mm, strict=True))
+    crop = r.diagnostics["crop_shape"]
+    assert all(c <= lim for c, lim in zip(crop, limit, strict=True)), (crop, limit)
+    bound = plan_tiles(limit, patch=st2.patch, overlap=st2.overlap).count
+    assert r.diagnostics["stage2_windows"] <= bound
+
+
+def test_bad_item_names_its_index(detector, volume):
+    with pytest.raises(InferenceError) as exc:
+        detector.detect_batch([volume, "not a volume"])
+    assert exc.value.index == 1 and exc.value.code == "bad_input"

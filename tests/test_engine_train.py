@@ -1,0 +1,114 @@
+"""Training: determinism for a seed, data split, thresholds, and `pdacscreen train` end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pdacscreen.engine.augment import NO_AUGMENT, AugmentConfig, sample_patch
+from pdacscreen.engine.dataset import CachedStudy, StudyRecord, preprocess_study
+from pdacscreen.engine.network import NetworkSpec, build_network
+from pdacscreen.engine.package import default_manifest, load_package
+from pdacscreen.engine.train import _thresholds, make_stage1_draw, make_stage2_draw, split_records
+from pdacscreen.engine.trainer import StageTraining, set_determinism, train_stage
+from pdacscreen.io.ctvolume import CTVolume
+from pdacscreen.io.phantom import make_subject
+
+
+@pytest.fixture(scope="module")
+def studies() -> list[CachedStudy]:
+    out = []
+    for seed, kind in ((3, "pdac"), (4, "none")):
+        s = make_subject(seed, matrix=128, lesion_type=kind)
+        vol = CTVolume(s.noncontrast, s.spacing, s.affine)
+        a = preprocess_study(vol, s.labels, coarse_mm=(6.0, 6.0, 6.0), fine_mm=(2.0, 2.0, 2.0))
+        out.append(
+            CachedStudy("uid", a["coarse_hu"], a["coarse_label"], a["fine_hu"], a["fine_label"],
+                        kind == "pdac", kind, 20.0, False)
+        )
+    return out
+
+
+def _train_once(studies, seed: int) -> tuple[dict, list]:
+    set_determinism(seed, 1)
+    pre = default_manifest()["preprocessing"]
+    net = build_network(NetworkSpec(out_channels=3, base=4, depth=3, cls_head=True))
+    draw = make_stage2_draw(studies, patch=(16, 16, 24), batch=2, pre=pre, aug=AugmentConfig())
+    hist = train_stage(net, draw, settings=StageTraining(steps=3, log_every=1), seed=seed)
+    return {k: v.clone() for k, v in net.state_dict().items()}, hist
+
+
+def test_same_seed_same_weights(studies):
+    a, ha = _train_once(studies, seed=5)
+    b, hb = _train_once(studies, seed=5)
+    assert [h["loss"] for h in ha] == [h["loss"] for h in hb]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    c, _ = _train_once(studies, seed=6)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_cached_arrays_and_patches(studies):
+    pdac, none = studies
+    assert pdac.fine_label.max() == 2 and none.fine_label.max() == 1
+    assert pdac.coarse_label.any() and pdac.coarse_hu.dtype == np.float16
+    rng = np.random.default_rng(0)
+    centre = np.argwhere(pdac.fine_label == 2).mean(axis=0)
+    hu, lab = sample_patch(pdac.fine_hu, pdac.fine_label, centre=centre, patch=(8, 8, 8), rng=rng, cfg=NO_AUGMENT)
+    assert hu.shape == (8, 8, 8) and lab[4, 4, 4] == 2  # identity transform: the lesion centre
+    hu2, lab2 = sample_patch(pdac.fine_hu, pdac.fine_label, centre=centre, patch=(8, 8, 8), rng=rng, cfg=AugmentConfig())
+    assert hu2.dtype == np.float32 and set(np.unique(lab2)) <= {0, 1, 2}
+    pre = default_manifest()["preprocessing"]
+    draw = make_stage1_draw(studies, patch=(16, 32, 32), batch=2, pre=pre, aug=NO_AUGMENT)
+    b = draw(np.random.default_rng(1))
+    assert b.x.shape == (2, 1, 16, 32, 32) and b.y.shape == (2, 16, 32, 32)
+    lo, hi = ((w - pre["mean"]) / pre["std"] for w in pre["window_hu"])
+    assert lo <= b.x.min() and b.x.max() <= hi + 1e-6
+
+
+def test_split_is_stratified_and_deterministic(tmp_path):
+    recs = [
+        StudyRecord(f"s{i}", f"u{i}", ("pdac", "cyst", "none")[i % 3], 10.0, False, (), tmp_path)
+        for i in range(30)
+    ]
+    tr, va = split_records(recs, fraction=0.2, seed=1)
+    tr2, va2 = split_records(recs, fraction=0.2, seed=1)
+    assert [r.series_uid for r in va] == [r.series_uid for r in va2]
+    assert len(va) == 6 and {r.lesion_type for r in va} == {"pdac", "cyst", "none"}
+    assert not {r.series_uid for r in tr} & {r.series_uid for r in va}
+
+
+def test_thresholds_reach_the_specificity():
+    rng = np.random.default_rng(0)
+    neg, pos = rng.uniform(0, 0.6, 200), rng.uniform(0.4, 1.0, 50)
+    scores = np.concatenate([neg, pos])
+    labels = np.r_[np.zeros(200), np.ones(50)]
+    th = _thresholds(scores, labels)
+    assert (neg < th["specificity_95"]).mean() >= 0.95
+    assert (neg < th["specificity_99"]).mean() >= 0.99
+    assert th["specificity_99"] >= th["specificity_95"]
+
+
+def test_train_cli_end_to_end(tmp_path):
+    from pdacscreen.flows.cli import main
+    from pdacscreen.io.phantom import generate_archive
+
+    archive = tmp_path / "arch"
+    generate_archive(archive, studies=4, seed=21, matrix=128, workers=1)
+    out = tmp_path / "pkg"
+    rc = main([
+        "train", "--archive", str(archive), "--out", str(out), "--stage1-steps", "2",
+        "--stage2-steps", "2", "--base1", "4", "--base2", "4", "--val-fraction", "0.5",
+        "--cache", str(tmp_path / "cache"),
+    ])
+    assert rc == 0
+    pkg = load_package(out)
+    manifest = json.loads((out / "model.json").read_text())
+    assert manifest["training_data"]["studies"] == 4
+    assert manifest["training_data"]["commands"][0].startswith("pdacscreen phantom --out")
+    assert "validation" in manifest["metrics"] and 0 <= pkg.thresholds.operating <= 1
+    card = (out / "README.md").read_text()
+    assert "not for clinical use" in card and "pdacscreen train" in card

@@ -1,0 +1,122 @@
+"""``pdacscreen worklist``: ranking, CSV, and the page rendered in headless Chromium."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+from synthetic_store import make_synthetic_findings
+
+from pdacscreen.flows.cli import main
+from pdacscreen.flows.worklist import flagged_studies
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def gen(tmp_path_factory):
+    root = tmp_path_factory.mktemp("wl") / "store"
+    g = make_synthetic_findings(root, 300, seed=21, evidence=True)
+    # One flagged study loses its key image: the page must say so, not break.
+    df = g.store.read_findings()
+    flagged = df[df.pdac_flag == True].sort_values("pdac_probability")  # noqa: E712
+    (g.store.root / flagged.iloc[0]["evidence_path"] / "key.png").unlink()
+    return g
+
+
+def expected(df: pd.DataFrame, since: dt.date | None = None) -> pd.DataFrame:
+    keep = (df.status == "ok") & (df.pdac_flag == True)  # noqa: E712
+    if since:
+        keep &= df.sweep_date >= since
+    return df[keep].sort_values(["pdac_probability", "study_instance_uid"], ascending=[False, True])
+
+
+def test_ranked_flagged_studies_and_since(gen):
+    df = gen.store.read_findings()
+    rows = flagged_studies(gen.store.root)
+    want = expected(df)
+    assert len(rows) == len(want) > 5
+    assert list(rows.study_instance_uid) == list(want.study_instance_uid)
+    assert list(rows["rank"]) == list(range(1, len(rows) + 1))
+    assert np.all(np.diff(rows.pdac_probability.to_numpy()) <= 0)
+    assert rows.key_image.isna().sum() == 1
+    since = dt.date(2025, 3, 2)
+    later = flagged_studies(gen.store.root, since=since)
+    assert list(later.study_instance_uid) == list(expected(df, since).study_instance_uid)
+    assert 0 < len(later) < len(rows)
+
+
+def test_cli_writes_csv_and_html(gen, tmp_path):
+    out = tmp_path / "wl"
+    assert main(["worklist", str(gen.store.root), "--out", str(out)]) == 0
+    csv = pd.read_csv(out / "worklist.csv")
+    want = expected(gen.store.read_findings())
+    assert list(csv.accession_key) == list(want.accession_key)
+    for col in (
+        "accession_key",
+        "study_date",
+        "lesion_diameter_mm",
+        "lesion_location",
+        "qc_flags",
+        "key_image",
+    ):
+        assert col in csv.columns
+    page = (out / "worklist.html").read_text()
+    assert page.count("<tr class='study'") == len(want)
+    assert page.count("data:image/png;base64,") == len(want) - 1 and "no key image" in page
+    assert main(["worklist", str(gen.store.root), "--since", "March 2"]) == 2
+
+
+def _chromium(args: list[str], tmp_path) -> subprocess.CompletedProcess:
+    profile = tmp_path / "chromium-profile"
+    profile.mkdir(exist_ok=True)
+    cmd = [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="chromium not installed (run infra/setup-browser as root)"
+)
+@pytest.mark.parametrize("link", [False, True], ids=["embedded", "linked"])
+def test_page_renders_rows_and_images_in_chromium(gen, tmp_path, link):
+    from PIL import Image
+
+    out = tmp_path / "wl"
+    assert (
+        main(
+            [
+                "worklist",
+                str(gen.store.root),
+                "--out",
+                str(out),
+                *(["--link-images"] if link else []),
+            ]
+        )
+        == 0
+    )
+    url = (out / "worklist.html").resolve().as_uri()
+    dom = _chromium(["--dump-dom", url], tmp_path).stdout
+    want = expected(gen.store.read_findings())
+    rows = re.findall(r'<tr class="study" data-rank="(\d+)"', dom)
+    assert [int(r) for r in rows] == list(range(1, len(want) + 1))
+    keys = re.findall(r"<td>(ak\d+)</td>", dom)
+    assert keys == list(want.accession_key)
+    loaded = re.findall(r'data-loaded="([a-z0-9]+)"', dom)
+    assert loaded == ["1"] * (len(want) - 1), loaded  # every key image decoded by the browser
+    shot = tmp_path / "shot.png"
+    _chromium(["--window-size=1280,2400", f"--screenshot={shot}", url], tmp_path)
+    img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert img.std() > 20  # not blank
+    # The key images' dark background (grey 40) and bright disc (grey 220) are on the screen.
+    dark = np.all(np.abs(img - 40) <= 3, axis=-1).sum()
+    bright = np.all(np.abs(img - 220) <= 3, axis=-1).sum()
+    assert dark > 2000 and bright > 500, (dark, bright)
