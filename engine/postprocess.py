@@ -91,13 +91,20 @@ def localise(
     margin_mm: tuple[float, float, float],
     max_box_mm: tuple[float, float, float],
 ) -> Localisation:
-    """Pancreas box from the stage-1 probability map (largest component above ``threshold``).
+    """Pancreas box from the stage-1 probability map (largest component above ``threshold``;
+    when nothing reaches it but the peak is at least half of it, above half the peak).
 
     ``margin_mm`` and ``max_box_mm`` are ``(z, y, x)`` mm (stage-2 settings); the box is grown by
     the margin, then shrunk about its centre to at most ``max_box_mm`` (bounded stage-2 memory).
     """
     vox_ml = _voxel_ml(affine)
-    comps, labels = _components(prob >= threshold, affine, min_voxels=int(np.ceil(min_ml / vox_ml)))
+    min_voxels = int(np.ceil(min_ml / vox_ml))
+    comps, labels = _components(prob >= threshold, affine, min_voxels=min_voxels)
+    peak = float(prob.max()) if prob.size else 0.0
+    if not comps and peak >= 0.5 * threshold:
+        # An unsure localiser: fall back to half its peak (reported as low confidence).
+        threshold = 0.5 * peak
+        comps, labels = _components(prob >= threshold, affine, min_voxels=min_voxels)
     if not comps:
         nan = (float("nan"),) * 3
         return Localisation(False, nan, nan, 0.0, False, 0.0, 0)

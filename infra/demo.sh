@@ -20,7 +20,7 @@ echo "== 2/3 nightly sweep (Prefect flow, local Ray) -> $STORE"
 $PDAC sweep "$ARCHIVE/dicom" --store "$STORE"
 
 echo "== 3/3 query the findings (DuckDB over Parquet)"
-Q="SELECT study_instance_uid, round(pdac_probability, 3) AS p, lesion_location, round(lesion_diameter_mm, 1) AS diam_mm, evidence_path FROM latest_findings WHERE pdac_flag ORDER BY pdac_probability DESC LIMIT 10"
+Q="SELECT accession_key, study_date, round(pdac_probability, 3) AS p, lesion_location AS location, round(lesion_diameter_mm, 1) AS diam_mm, qc_flags FROM latest_findings WHERE pdac_flag ORDER BY pdac_probability DESC LIMIT 10"
 echo "\$ $PDAC query $STORE \"$Q\""
 $PDAC query "$STORE" "$Q"
 cat <<TXT
@@ -32,6 +32,6 @@ Try:
   $PDAC query $STORE "SELECT manufacturer, count(*) n, avg(pdac_flag::int) flag_rate FROM latest_findings GROUP BY 1"
   $PDAC evaluate $STORE --labels $ARCHIVE/truth.parquet --out $WORK/demo/eval
   $PDAC worklist $STORE --out $WORK/demo/worklist   # open worklist.html in a browser
-  duckdb -c "SELECT * FROM read_parquet('$STORE/findings/**/*.parquet', hive_partitioning=true) LIMIT 5"
+  .venv/bin/python -c "import duckdb; print(duckdb.sql(\"SELECT status, count(*) FROM read_parquet('$STORE/findings/**/*.parquet', hive_partitioning=true) GROUP BY 1\"))"
 The shipped model is a reference model trained on synthetic phantoms: not a clinical device.
 TXT

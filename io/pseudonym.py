@@ -16,6 +16,7 @@ different key is refused instead of silently splitting patients.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
@@ -53,13 +54,19 @@ def resolve_key(key: bytes | None = None) -> bytes:
         if not data:
             raise PseudonymKeyError(f"{ENV_KEY_FILE}={path!r} is empty; put a random key in it")
         return _checked(data, source=ENV_KEY_FILE)
+    _warn_demo_key_once()
+    return DEMO_KEY
+
+
+@functools.cache
+def _warn_demo_key_once() -> None:
+    """One warning per process, not one per file or series."""
     log.warning(
         "no pseudonym key configured (%s or %s): using the public DEMO key; "
         "patient keys are NOT pseudonymous against anyone with the source code",
         ENV_KEY,
         ENV_KEY_FILE,
     )
-    return DEMO_KEY
 
 
 def _checked(key: bytes, *, source: str) -> bytes:
