@@ -95,12 +95,16 @@ def run_pool(
     if n_actors < 1:
         raise ValueError(f"n_actors must be >= 1, got {n_actors}")
     max_in_flight = max(max_in_flight, n_actors)
-    load_task = ray.remote(load).options(**(load_options or {"num_cpus": 1}))
+    # Two returns: a small status the driver fetches, and the loaded value, which goes from the
+    # loader's node straight to an actor (the driver never pulls a decoded volume).
+    load_task = ray.remote(_status_and_value).options(
+        num_returns=2, **(load_options or {"num_cpus": 1})
+    )
     actors = [actor_factory() for _ in range(n_actors)]
     idle: deque[int] = deque(range(n_actors))
     pending_items = iter(items)
     retry: deque[tuple[WorkItem, int]] = deque()
-    loading: dict[ray.ObjectRef, tuple[WorkItem, int, float]] = {}
+    loading: dict[ray.ObjectRef, tuple[WorkItem, int, ray.ObjectRef]] = {}
     ready: deque[tuple[WorkItem, int, ray.ObjectRef, float]] = deque()
     running: dict[ray.ObjectRef, tuple[WorkItem, int, int, ray.ObjectRef, float]] = {}
     exhausted = False
@@ -124,7 +128,8 @@ def run_pool(
             if nxt is None:
                 break
             item, attempt = nxt
-            loading[load_task.remote(item.payload)] = (item, attempt, time.perf_counter())
+            status_ref, value_ref = load_task.remote(load, item.payload)
+            loading[status_ref] = (item, attempt, value_ref)
         # 2. Hand loaded items to idle actors.
         while idle and ready:
             item, attempt, ref, t_loaded = ready.popleft()
@@ -136,20 +141,23 @@ def run_pool(
                 return
             continue
         waitable = list(loading) + list(running)
-        done, _ = ray.wait(waitable, num_returns=1, timeout=5.0)
+        done, _ = ray.wait(waitable, num_returns=1, timeout=5.0, fetch_local=False)
         for ref in done:
             if ref in loading:
-                item, attempt, t0 = loading.pop(ref)
+                item, attempt, value_ref = loading.pop(ref)
                 try:
-                    ray.get(ref)  # surface loader errors here, keep the value in the store
-                except (RayTaskError, WorkerCrashedError) as e:
-                    cause = getattr(e, "cause", None) or e
-                    code = getattr(cause, "code", None) or "load_failed"
+                    status = ray.get(ref)
+                except (RayTaskError, WorkerCrashedError) as e:  # the loader process died
+                    status = {"error_code": "load_failed", "message": _short(e)}
+                if status is not None:
                     yield WorkOutcome(
-                        item.key, error_code=code, message=_short(cause), attempts=attempt
+                        item.key,
+                        error_code=status["error_code"],
+                        message=status["message"],
+                        attempts=attempt,
                     )
                     continue
-                ready.append((item, attempt, ref, time.perf_counter()))
+                ready.append((item, attempt, value_ref, time.perf_counter()))
                 continue
             item, attempt, slot, loaded_ref, t_loaded = running.pop(ref)
             try:
@@ -177,6 +185,15 @@ def run_pool(
                 continue
             idle.append(slot)
             yield WorkOutcome(item.key, value=value, attempts=attempt)
+
+
+def _status_and_value(load: Callable[[Any], Any], payload: Any) -> tuple[dict | None, Any]:
+    """Run ``load`` and split its outcome: ``(None, value)`` or ``({error_code, message}, None)``."""
+    try:
+        return None, load(payload)
+    except Exception as e:  # one bad study must never stop the pool: it becomes an outcome
+        code = getattr(e, "code", None) or "load_failed"
+        return {"error_code": str(code), "message": _short(e)}, None
 
 
 def _short(e: BaseException, limit: int = 500) -> str:

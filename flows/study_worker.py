@@ -74,6 +74,16 @@ def evidence_folder_name(study_instance_uid: str) -> str:
     return _SAFE.sub("_", study_instance_uid)[:128] or "unknown"
 
 
+def _assigned_cpus() -> int | None:
+    try:
+        import ray
+
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    except Exception:  # not inside a Ray worker: let the engine decide
+        return None
+    return max(1, int(cpus)) if cpus else None
+
+
 class EngineActor:
     """One detection engine per actor; ``process`` maps one loaded study to a findings row."""
 
@@ -82,7 +92,8 @@ class EngineActor:
         from pdacscreen.engine.package import load_package
 
         self.package = load_package(Path(model) if model else None)
-        self.detector = Detector(self.package, backend=backend)
+        # As many engine threads as CPUs Ray gave this actor, so actors and loaders share cores.
+        self.detector = Detector(self.package, backend=backend, threads=_assigned_cpus())
         self.evidence_root = Path(evidence_root)
 
     def backend_name(self) -> str:
@@ -136,4 +147,6 @@ class EngineActor:
                 "failure": {"stage": "inference", "code": e.code, "message": str(e)[:2000]},
             }
         row["duration_s"] = loaded.get("load_s", 0.0) + (time.perf_counter() - t0)
-        return {"row": row}
+        timings = {"load": float(loaded.get("load_s", 0.0))}
+        timings.update({k: float(v) for k, v in (result.timings or {}).items()})
+        return {"row": row, "timings": timings}

@@ -77,6 +77,7 @@ class SweepSummary:
     duration_s: float = 0.0
     studies_per_hour: float = 0.0
     findings_files: list[str] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     def markdown(self) -> str:
         rows = [
@@ -102,6 +103,9 @@ class SweepSummary:
             "|---|---|",
             *[f"| {k} | {v} |" for k, v in rows],
         ]
+        if self.stage_seconds:
+            lines += ["", "| where the time went (summed over studies) | seconds |", "|---|---|"]
+            lines += [f"| {k} | {v:.1f} |" for k, v in self.stage_seconds.items()]
         if self.errors_by_code:
             lines += ["", "| error code | count |", "|---|---|"]
             lines += [f"| {k} | {v} |" for k, v in sorted(self.errors_by_code.items())]
@@ -225,6 +229,7 @@ def fan_out(
     failures: list[dict[str, Any]] = []
     written: list[str] = []
     counts: Counter[str] = Counter()
+    stage_seconds: Counter[str] = Counter()
     last_flush = time.monotonic()
 
     def flush() -> None:
@@ -271,6 +276,8 @@ def fan_out(
         else:
             value = outcome.value
             row.update(value["row"])
+            for stage, seconds in (value.get("timings") or {}).items():
+                stage_seconds[stage] += seconds
             if value.get("failure"):
                 failures.append(_failure(sel, **value["failure"]))
         counts[row["status"]] += 1
@@ -284,7 +291,12 @@ def fan_out(
         if len(rows) >= flush_every or time.monotonic() - last_flush > 30:
             flush()
     flush()
-    return {"counts": dict(counts), "files": written, "seconds": time.perf_counter() - t_start}
+    return {
+        "counts": dict(counts),
+        "files": written,
+        "seconds": time.perf_counter() - t_start,
+        "stage_seconds": dict(stage_seconds),
+    }
 
 
 def _preprocessing_text(package: Any) -> str:
@@ -510,6 +522,7 @@ def nightly_sweep(
             )
             counts.update(out["counts"])
             summary.findings_files = out["files"]
+            summary.stage_seconds = {k: round(v, 2) for k, v in out["stage_seconds"].items()}
         summary.ok = counts.get("ok", 0)
         summary.skipped = counts.get("skipped", 0)
         summary.failed = counts.get("failed", 0)
@@ -628,6 +641,8 @@ def run(args: argparse.Namespace) -> int:
     table.add_row("studies per hour", f"{summary['studies_per_hour']:.0f}")
     for code, n in sorted(summary["errors_by_code"].items()):
         table.add_row(f"error: {code}", str(n))
+    for stage, seconds in summary.get("stage_seconds", {}).items():
+        table.add_row(f"time in {stage} (s)", f"{seconds:.1f}")
     console.print(table)
     root = Path(summary["store"])
     console.print(f"findings:  {root / 'findings'}")
