@@ -22,9 +22,12 @@ compressed ones are decoded by pydicom's plugins.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
+import multiprocessing as mp
 import os
 import struct
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -629,3 +632,27 @@ def to_hu(
             out[stored == padding_value] = AIR_HU
     np.maximum(out, np.float32(AIR_HU), out=out)
     return out
+
+
+# --- worker processes shared by the index crawl and series decoding ---------------------------
+
+_POOLS: dict[int, ProcessPoolExecutor] = {}
+
+
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """``workers`` processes kept for the life of this process, shared by the index crawl and the
+    series decoder, so a nightly run or a second call does not pay their start again (forkserver
+    with this module preloaded: safe with threads)."""
+    pool = _POOLS.get(workers)
+    if pool is None:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["pdacscreen.io.dicomio"])
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+        _POOLS[workers] = pool
+        atexit.register(pool.shutdown, wait=False, cancel_futures=True)
+    return pool
+
+
+def drop_worker_pool(workers: int) -> None:
+    """Forget a broken pool so the next call starts a fresh one."""
+    _POOLS.pop(workers, None)

@@ -22,16 +22,13 @@ the ID itself is never stored.  Bad files are rows with ``status == "error"`` an
 from __future__ import annotations
 
 import argparse
-import atexit
 import fcntl
 import json
 import logging
 import math
-import multiprocessing as mp
 import os
 import time
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -41,7 +38,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pdacscreen.io.dicomio import INDEX_COLUMNS, header_row
+from pdacscreen.io.dicomio import INDEX_COLUMNS, drop_worker_pool, header_row, worker_pool
 from pdacscreen.io.errors import InputError, PseudonymKeyError
 from pdacscreen.io.pseudonym import key_fingerprint, resolve_key
 
@@ -112,20 +109,8 @@ def _read_chunk(paths: list[str], key: bytes) -> list[dict]:
     return [header_row(p, key=key) for p in paths]
 
 
-_POOLS: dict[int, ProcessPoolExecutor] = {}
 
 
-def _pool(workers: int) -> ProcessPoolExecutor:
-    """Worker processes kept for the life of this process, so a nightly run or a second call
-    does not pay their start again (forkserver with the reader preloaded: safe with threads)."""
-    pool = _POOLS.get(workers)
-    if pool is None:
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["pdacscreen.io.dicomio"])
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
-        _POOLS[workers] = pool
-        atexit.register(pool.shutdown, wait=False, cancel_futures=True)
-    return pool
 
 
 def _read_headers(paths: list[str], *, key: bytes, workers: int) -> list[dict]:
@@ -140,10 +125,10 @@ def _read_headers(paths: list[str], *, key: bytes, workers: int) -> list[dict]:
     tasks = [dask.delayed(_read_chunk)(paths[i : i + size], key) for i in range(0, len(paths), size)]
     try:
         results = dask.compute(*tasks, scheduler="processes", num_workers=workers,
-                               pool=_pool(workers))
+                               pool=worker_pool(workers))
     except (OSError, BrokenProcessPool) as e:  # e.g. no child processes allowed here
         log.warning("index worker pool unavailable (%s); reading headers in this process", e)
-        _POOLS.pop(workers, None)
+        drop_worker_pool(workers)
         return _read_chunk(paths, key)
     return [row for chunk in results for row in chunk]
 

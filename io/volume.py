@@ -41,11 +41,8 @@ GIL, measured: two threads are no faster than one).  Only one series is held in 
 from __future__ import annotations
 
 import argparse
-import atexit
 import logging
-import multiprocessing as mp
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +50,15 @@ from pathlib import Path
 import numpy as np
 
 from pdacscreen.io.ctvolume import CTVolume
-from pdacscreen.io.dicomio import _NATIVE, AIR_HU, DecodedSlice, read_slice, to_hu
+from pdacscreen.io.dicomio import (
+    _NATIVE,
+    AIR_HU,
+    DecodedSlice,
+    drop_worker_pool,
+    read_slice,
+    to_hu,
+    worker_pool,
+)
 from pdacscreen.io.errors import (
     DuplicatePositionError,
     GeometryError,
@@ -178,7 +183,6 @@ def series_geometry(infos: Sequence[dict], *, series: str = "") -> SeriesGeometr
     )
 
 
-_POOLS: dict[int, ProcessPoolExecutor] = {}
 _POOL_MIN_FILES = 16
 
 
@@ -186,16 +190,6 @@ def _decode_chunk(paths: list[str], key: bytes) -> list[DecodedSlice]:
     return [read_slice(p, key=key) for p in paths]
 
 
-def _pool(workers: int) -> ProcessPoolExecutor:
-    """A decoder pool kept for the life of the process (forkserver: safe with threads)."""
-    pool = _POOLS.get(workers)
-    if pool is None:
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["pdacscreen.io.dicomio"])
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
-        _POOLS[workers] = pool
-        atexit.register(pool.shutdown, wait=False, cancel_futures=True)
-    return pool
 
 
 def _decode_all(files: Sequence[str], *, key: bytes, workers: int) -> list[DecodedSlice]:
@@ -209,14 +203,14 @@ def _decode_all(files: Sequence[str], *, key: bytes, workers: int) -> list[Decod
     size = max(1, min(16, len(rest) // (4 * workers)))
     chunks = [rest[i : i + size] for i in range(0, len(rest), size)]
     try:
-        pool = _pool(workers)
+        pool = worker_pool(workers)
         out = [first]
         for part in pool.map(_decode_chunk, chunks, [key] * len(chunks)):
             out.extend(part)
         return out
     except (OSError, BrokenProcessPool, AssertionError) as e:  # no children allowed here
         log.warning("decoder pool unavailable (%s); decoding in this process", e)
-        _POOLS.pop(workers, None)
+        drop_worker_pool(workers)
         return [first] + [read_slice(f, key=key) for f in rest]
 
 

@@ -148,12 +148,12 @@ def test_compressed_series_equal_uncompressed(tmp_path, ts):
 
 
 def test_process_pool_gives_same_volume(tmp_path, caplog):
-    from pdacscreen.io import volume as volume_mod
+    from pdacscreen.io import dicomio
 
     files = write_series(tmp_path / "s", n=20, rows=32, cols=32, transfer_syntax=RLELossless)
     a = load_series(files, key=KEY, workers=1)
     b = load_series(files, key=KEY, workers=2)  # compressed, > 16 files: decoded in processes
-    assert 2 in volume_mod._POOLS and "pool unavailable" not in caplog.text
+    assert 2 in dicomio._POOLS and "pool unavailable" not in caplog.text
     np.testing.assert_array_equal(a.array, b.array)
     np.testing.assert_array_equal(a.affine, b.affine)
 
