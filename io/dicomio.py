@@ -63,8 +63,13 @@ AIR_HU = -1024.0
 _PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
 _IMPLICIT_LE, _EXPLICIT_LE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"
 _NATIVE = {_IMPLICIT_LE, _EXPLICIT_LE}
-_LOSSY_TS = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.81",
-             "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.203"}
+_LOSSY_TS = {
+    "1.2.840.10008.1.2.4.50",
+    "1.2.840.10008.1.2.4.51",
+    "1.2.840.10008.1.2.4.81",
+    "1.2.840.10008.1.2.4.91",
+    "1.2.840.10008.1.2.4.203",
+}
 
 # index column -> (DICOM keyword, kind). kinds: str (backslash-joined values), int, float, floats.
 _TAGS: dict[str, tuple[str, str]] = {
@@ -102,22 +107,57 @@ _TAGS: dict[str, tuple[str, str]] = {
     "lossy_image_compression": ("LossyImageCompression", "str"),
 }
 # read but not index columns (pixel module, derived-UID inputs, PatientID for the keyed hash)
-_EXTRA = ("PatientID", "AccessionNumber", "StudyID", "AcquisitionTime", "ContentTime",
-          "SpecificCharacterSet", "BitsAllocated", "BitsStored", "PixelRepresentation",
-          "RescaleSlope", "RescaleIntercept", "PixelPaddingValue", "PixelPaddingRangeLimit")
+_EXTRA = (
+    "PatientID",
+    "AccessionNumber",
+    "StudyID",
+    "AcquisitionTime",
+    "ContentTime",
+    "SpecificCharacterSet",
+    "BitsAllocated",
+    "BitsStored",
+    "PixelRepresentation",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "PixelPaddingValue",
+    "PixelPaddingRangeLimit",
+)
 _KEYWORDS = tuple(kw for kw, _ in _TAGS.values()) + _EXTRA
 _TAG_OF = {kw: tag_for_keyword(kw) for kw in _KEYWORDS}
 _KW_OF = {t: kw for kw, t in _TAG_OF.items()}
 _VR_OF = {t: dictionary_VR(t) for t in _KW_OF}
 _TEXT_VRS = {"SH", "LO", "ST", "LT", "UC", "UT", "PN"}
 _NUM_VRS = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d"}
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
-             b"UT", b"UV"}
+_LONG_VRS = {
+    b"OB",
+    b"OD",
+    b"OF",
+    b"OL",
+    b"OV",
+    b"OW",
+    b"SQ",
+    b"SV",
+    b"UC",
+    b"UN",
+    b"UR",
+    b"UT",
+    b"UV",
+}
 
 #: Every column of an index row, in order.
 INDEX_COLUMNS: tuple[str, ...] = (
-    "path", "size", "mtime_ns", "status", "error_code", "error_message", "flags",
-    "transfer_syntax_uid", *_TAGS, "patient_key", "accession_key", "has_pixel_data",
+    "path",
+    "size",
+    "mtime_ns",
+    "status",
+    "error_code",
+    "error_message",
+    "flags",
+    "transfer_syntax_uid",
+    *_TAGS,
+    "patient_key",
+    "accession_key",
+    "has_pixel_data",
 )
 
 
@@ -321,18 +361,22 @@ def _scan(fp, size: int) -> _Scan:
         error = "truncated"
     cs_raw = raws.get(_TAG_OF["SpecificCharacterSet"])
     charset = convert_encodings(
-        [c.strip() for c in cs_raw[0].decode("latin-1").split("\\")] if cs_raw else None)
+        [c.strip() for c in cs_raw[0].decode("latin-1").split("\\")] if cs_raw else None
+    )
     pr = raws.get(_TAG_OF["PixelRepresentation"])
     signed = bool(pr and len(pr[0]) >= 2 and struct.unpack_from("<H", pr[0])[0] == 1)
-    values = {_KW_OF[t]: _decode_value(raw, t, vr, charset, signed) for t, (raw, vr) in raws.items()}
+    values = {
+        _KW_OF[t]: _decode_value(raw, t, vr, charset, signed) for t, (raw, vr) in raws.items()
+    }
     if error is None and pixel_length != 0xFFFFFFFF and pixel_offset + pixel_length > size:
         error = "truncated"
     if error is None and pixel_length == 0xFFFFFFFF:
         fp.seek(max(size - 8, pixel_offset))
         if fp.read(4) != b"\xfe\xff\xdd\xe0":
             error = "truncated"
-    return _Scan(values=values, ts=ts, pixel_offset=pixel_offset, pixel_length=pixel_length,
-                 error=error)
+    return _Scan(
+        values=values, ts=ts, pixel_offset=pixel_offset, pixel_length=pixel_length, error=error
+    )
 
 
 # --- the pydicom path (fallback) ---------------------------------------------------------------
@@ -461,8 +505,12 @@ def _fill_ids(row: dict, scan: _Scan, *, key: bytes) -> list[str]:
     if study is None:
         flags.append("derived_study_uid")
         study = row["study_instance_uid"] = derived_uid(
-            "study", pid and patient_key(pid, key=key), row["study_date"], row["study_time"],
-            _get(scan, "AccessionNumber", "str"), _get(scan, "StudyID", "str"),
+            "study",
+            pid and patient_key(pid, key=key),
+            row["study_date"],
+            row["study_time"],
+            _get(scan, "AccessionNumber", "str"),
+            _get(scan, "StudyID", "str"),
         )
     if pid is None:
         flags.append("no_patient_id")
@@ -476,16 +524,27 @@ def _fill_ids(row: dict, scan: _Scan, *, key: bytes) -> list[str]:
         flags.append("derived_series_uid")
         iop = row["image_orientation_patient"]
         row["series_instance_uid"] = derived_uid(
-            "series", study, row["series_number"], row["series_description"], row["modality"],
-            row["frame_of_reference_uid"], iop and [round(v, 3) for v in iop],
-            row["rows"], row["columns"], row["convolution_kernel"],
+            "series",
+            study,
+            row["series_number"],
+            row["series_description"],
+            row["modality"],
+            row["frame_of_reference_uid"],
+            iop and [round(v, 3) for v in iop],
+            row["rows"],
+            row["columns"],
+            row["convolution_kernel"],
         )
     if row["sop_instance_uid"] is None:
         flags.append("derived_sop_uid")
         row["sop_instance_uid"] = derived_uid(
-            "sop", row["series_instance_uid"], row["instance_number"],
-            row["image_position_patient"], row["acquisition_number"],
-            _get(scan, "AcquisitionTime", "str"), _get(scan, "ContentTime", "str"),
+            "sop",
+            row["series_instance_uid"],
+            row["instance_number"],
+            row["image_position_patient"],
+            row["acquisition_number"],
+            _get(scan, "AcquisitionTime", "str"),
+            _get(scan, "ContentTime", "str"),
         )
     return flags
 
@@ -535,14 +594,20 @@ def _native_pixels(fp, scan: _Scan, info: dict, where: str) -> np.ndarray:
     stored_bits = _get(scan, "BitsStored", "int") or alloc
     signed = _get(scan, "PixelRepresentation", "int") == 1
     if rows is None or cols is None or alloc not in (8, 16, 32):
-        raise UnsupportedImageError(f"{where}pixel module not loadable (Rows={rows}, Columns="
-                                    f"{cols}, BitsAllocated={alloc}); allowed BitsAllocated: 8, "
-                                    "16, 32", code="unsupported_bits")
+        raise UnsupportedImageError(
+            f"{where}pixel module not loadable (Rows={rows}, Columns="
+            f"{cols}, BitsAllocated={alloc}); allowed BitsAllocated: 8, "
+            "16, 32",
+            code="unsupported_bits",
+        )
     dtype = np.dtype(f"<{'i' if signed else 'u'}{alloc // 8}")
     nbytes = rows * cols * dtype.itemsize
     if scan.pixel_length < nbytes:
-        raise DicomReadError(f"{where}pixel data has {scan.pixel_length} bytes, a {rows}x{cols} "
-                             f"image of {alloc} bits needs {nbytes}", code="truncated")
+        raise DicomReadError(
+            f"{where}pixel data has {scan.pixel_length} bytes, a {rows}x{cols} "
+            f"image of {alloc} bits needs {nbytes}",
+            code="truncated",
+        )
     fp.seek(scan.pixel_offset)
     arr = np.empty((rows, cols), dtype=dtype.newbyteorder("="))
     view = memoryview(arr).cast("B")
@@ -594,7 +659,9 @@ def read_slice(path: str | Path, *, key: bytes) -> DecodedSlice:
     if stored is None:
         stored = _pydicom_pixels(path, where)
     return DecodedSlice(
-        path=path, stored=stored, info=info,
+        path=path,
+        stored=stored,
+        info=info,
         slope=_get(scan, "RescaleSlope", "float") or 1.0,
         intercept=_get(scan, "RescaleIntercept", "float") or 0.0,
         padding_value=_get(scan, "PixelPaddingValue", "int"),

@@ -53,17 +53,30 @@ _CHUNK = 256  # files per Dask task
 
 _STR, _I64, _F64 = pa.string(), pa.int64(), pa.float64()
 _TYPES = {
-    "size": _I64, "mtime_ns": _I64, "series_number": _I64, "acquisition_number": _I64,
-    "instance_number": _I64, "rows": _I64, "columns": _I64, "number_of_frames": _I64,
-    "samples_per_pixel": _I64, "slice_thickness": _F64, "gantry_detector_tilt": _F64,
-    "image_position_patient": pa.list_(_F64), "image_orientation_patient": pa.list_(_F64),
-    "pixel_spacing": pa.list_(_F64), "has_pixel_data": pa.bool_(),
+    "size": _I64,
+    "mtime_ns": _I64,
+    "series_number": _I64,
+    "acquisition_number": _I64,
+    "instance_number": _I64,
+    "rows": _I64,
+    "columns": _I64,
+    "number_of_frames": _I64,
+    "samples_per_pixel": _I64,
+    "slice_thickness": _F64,
+    "gantry_detector_tilt": _F64,
+    "image_position_patient": pa.list_(_F64),
+    "image_orientation_patient": pa.list_(_F64),
+    "pixel_spacing": pa.list_(_F64),
+    "has_pixel_data": pa.bool_(),
 }
 #: Arrow schema of every part file.
 INDEX_SCHEMA = pa.schema(
     [pa.field(c, _TYPES.get(c, _STR)) for c in INDEX_COLUMNS]
-    + [pa.field("present", pa.bool_()), pa.field("run_id", _I64),
-       pa.field("indexed_at", pa.timestamp("us", tz="UTC"))]
+    + [
+        pa.field("present", pa.bool_()),
+        pa.field("run_id", _I64),
+        pa.field("indexed_at", pa.timestamp("us", tz="UTC")),
+    ]
 )
 
 
@@ -109,10 +122,6 @@ def _read_chunk(paths: list[str], key: bytes) -> list[dict]:
     return [header_row(p, key=key) for p in paths]
 
 
-
-
-
-
 def _read_headers(paths: list[str], *, key: bytes, workers: int) -> list[dict]:
     """Header rows for ``paths``: in this process for small batches (starting workers costs
     more than it saves below :data:`_IN_PROCESS_BELOW` files), else a Dask graph of chunks run
@@ -122,10 +131,13 @@ def _read_headers(paths: list[str], *, key: bytes, workers: int) -> list[dict]:
     import dask
 
     size = min(_CHUNK, math.ceil(len(paths) / (workers * 4)))
-    tasks = [dask.delayed(_read_chunk)(paths[i : i + size], key) for i in range(0, len(paths), size)]
+    tasks = [
+        dask.delayed(_read_chunk)(paths[i : i + size], key) for i in range(0, len(paths), size)
+    ]
     try:
-        results = dask.compute(*tasks, scheduler="processes", num_workers=workers,
-                               pool=worker_pool(workers))
+        results = dask.compute(
+            *tasks, scheduler="processes", num_workers=workers, pool=worker_pool(workers)
+        )
     except (OSError, BrokenProcessPool) as e:  # e.g. no child processes allowed here
         log.warning("index worker pool unavailable (%s); reading headers in this process", e)
         drop_worker_pool(workers)
@@ -140,8 +152,11 @@ def _parts(index_dir: Path) -> list[Path]:
 def _read_parts(index_dir: Path, columns: list[str] | None = None) -> pd.DataFrame:
     parts = _parts(index_dir)
     if not parts:
-        return INDEX_SCHEMA.empty_table().to_pandas() if columns is None else (
-            INDEX_SCHEMA.empty_table().select(columns).to_pandas())
+        return (
+            INDEX_SCHEMA.empty_table().to_pandas()
+            if columns is None
+            else (INDEX_SCHEMA.empty_table().select(columns).to_pandas())
+        )
     tables = [pq.read_table(p, columns=columns, schema=INDEX_SCHEMA) for p in parts]
     df = pa.concat_tables(tables).to_pandas()
     df = df.sort_values("run_id", kind="stable").drop_duplicates("path", keep="last")
@@ -201,7 +216,9 @@ def _compact(index_dir: Path, run_id: int) -> None:
     if len(parts) <= COMPACT_AFTER:
         return
     df = _read_parts(index_dir)
-    _write_part(index_dir, pa.Table.from_pandas(df, schema=INDEX_SCHEMA, preserve_index=False), run_id)
+    _write_part(
+        index_dir, pa.Table.from_pandas(df, schema=INDEX_SCHEMA, preserve_index=False), run_id
+    )
     for p in parts:
         if p.name != f"part-{run_id:08d}.parquet":
             p.unlink()
@@ -223,7 +240,11 @@ def update_index(
     if not archive.is_dir():
         raise InputError(f"archive={str(archive)!r} is not a folder")
     if workers is None:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = (
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else os.cpu_count() or 1
+        )
     if workers < 1:
         raise InputError(f"workers must be >= 1, got {workers}")
     key = resolve_key(key)
@@ -233,8 +254,9 @@ def update_index(
         _check_meta(index_dir, archive=archive, key=key)
         known = _read_parts(index_dir, columns=["path", "size", "mtime_ns", "present", "run_id"])
         known = known[known["present"]]
-        known_map = dict(zip(known["path"], zip(known["size"], known["mtime_ns"], strict=True),
-                             strict=True))
+        known_map = dict(
+            zip(known["path"], zip(known["size"], known["mtime_ns"], strict=True), strict=True)
+        )
         skip = index_dir if index_dir.is_relative_to(archive) else None
         seen: set[str] = set()
         todo: list[str] = []
@@ -261,8 +283,14 @@ def update_index(
             _compact(index_dir, run_id)
     bad = sum(1 for r in rows if r.get("present") and r.get("status") != "ok")
     upd = IndexUpdate(
-        run_id=run_id, new=new, changed=changed, removed=len(removed),
-        unchanged=len(seen) - new - changed, bad=bad, read=len(todo), total_present=len(seen),
+        run_id=run_id,
+        new=new,
+        changed=changed,
+        removed=len(removed),
+        unchanged=len(seen) - new - changed,
+        bad=bad,
+        read=len(todo),
+        total_present=len(seen),
         duration_s=time.perf_counter() - t0,
     )
     log.info("index update %s", upd)
@@ -279,8 +307,12 @@ def _next_run_id(index_dir: Path) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("archive", type=Path, help="folder tree of DICOM files (any depth)")
-    parser.add_argument("--index", type=Path, required=True, help="index folder (created if absent)")
-    parser.add_argument("--workers", type=int, default=None, help="worker processes (default: CPUs)")
+    parser.add_argument(
+        "--index", type=Path, required=True, help="index folder (created if absent)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None, help="worker processes (default: CPUs)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -289,10 +321,16 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     upd = update_index(args.archive, args.index, workers=args.workers)
     df = read_index(args.index)
-    console.print(f"[bold]index[/bold] {args.index}: " + ", ".join(
-        f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in asdict(upd).items()))
+    console.print(
+        f"[bold]index[/bold] {args.index}: "
+        + ", ".join(
+            f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in asdict(upd).items()
+        )
+    )
     if len(df):
         counts = df.groupby(df["error_code"].fillna("ok")).size().to_dict()
-        console.print(f"files by status: {counts}; series: {df['series_instance_uid'].nunique()}, "
-                      f"studies: {df['study_instance_uid'].nunique()}")
+        console.print(
+            f"files by status: {counts}; series: {df['series_instance_uid'].nunique()}, "
+            f"studies: {df['study_instance_uid'].nunique()}"
+        )
     return 0

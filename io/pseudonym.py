@@ -71,7 +71,9 @@ def _warn_demo_key_once() -> None:
 
 def _checked(key: bytes, *, source: str) -> bytes:
     if len(key) < _MIN_KEY_BYTES:
-        log.warning("pseudonym key from %s is short (%d bytes); use >= 32 random bytes", source, len(key))
+        log.warning(
+            "pseudonym key from %s is short (%d bytes); use >= 32 random bytes", source, len(key)
+        )
     return key
 
 

@@ -110,8 +110,10 @@ def load_rules(path: Path | None = None) -> SelectionRules:
         names = {f.name for f in fields(SelectionRules)}
         unknown = sorted(set(over) - names)
         if unknown:
-            raise InputError(f"rules file {str(path)!r}: unknown key(s) {unknown}; allowed: "
-                             f"{sorted(names - {'source', 'sha256'})}")
+            raise InputError(
+                f"rules file {str(path)!r}: unknown key(s) {unknown}; allowed: "
+                f"{sorted(names - {'source', 'sha256'})}"
+            )
         if "phase_check" in over:
             over["phase_check"] = {**base["phase_check"], **over["phase_check"]}
         if "version" not in over:
@@ -120,19 +122,31 @@ def load_rules(path: Path | None = None) -> SelectionRules:
         source = str(path)
     pc = PhaseRules(**base.pop("phase_check"))
     if pc.on_phase_mismatch not in ("flag", "reject"):
-        raise InputError(f"phase_check.on_phase_mismatch={pc.on_phase_mismatch!r} is not allowed; "
-                         "use 'flag' or 'reject'")
+        raise InputError(
+            f"phase_check.on_phase_mismatch={pc.on_phase_mismatch!r} is not allowed; "
+            "use 'flag' or 'reject'"
+        )
     if base.get("contrast_agent_policy") not in ("demote", "reject"):
-        raise InputError(f"contrast_agent_policy={base.get('contrast_agent_policy')!r} is not "
-                         "allowed; use 'demote' or 'reject'")
+        raise InputError(
+            f"contrast_agent_policy={base.get('contrast_agent_policy')!r} is not "
+            "allowed; use 'demote' or 'reject'"
+        )
     if not pc.noncontrast_max_hu <= pc.contrast_min_hu:
-        raise InputError("phase_check: noncontrast_max_hu must be <= contrast_min_hu, got "
-                         f"{pc.noncontrast_max_hu} > {pc.contrast_min_hu}")
+        raise InputError(
+            "phase_check: noncontrast_max_hu must be <= contrast_min_hu, got "
+            f"{pc.noncontrast_max_hu} > {pc.contrast_min_hu}"
+        )
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in base.items()}
-    rules = SelectionRules(**kw, phase_check=pc, source=source,
-                           sha256=hashlib.sha256(blob).hexdigest())
-    for name in ("description_forbidden", "noncontrast_description", "contrast_description",
-                 "kernel_soft", "kernel_sharp"):
+    rules = SelectionRules(
+        **kw, phase_check=pc, source=source, sha256=hashlib.sha256(blob).hexdigest()
+    )
+    for name in (
+        "description_forbidden",
+        "noncontrast_description",
+        "contrast_description",
+        "kernel_soft",
+        "kernel_sharp",
+    ):
         for rx in getattr(rules, name):
             try:
                 re.compile(rx)
@@ -186,7 +200,9 @@ def _first(values: pd.Series):
     return v.mode().iloc[0] if len(v) else None
 
 
-def _series_facts(g: pd.DataFrame, rules: SelectionRules) -> tuple[SeriesCandidate | None, list[str]]:
+def _series_facts(
+    g: pd.DataFrame, rules: SelectionRules
+) -> tuple[SeriesCandidate | None, list[str]]:
     """Check one series (its index rows) against the rules: (candidate or None, reasons)."""
     reasons: list[str] = []
     ok = g[g["status"] == "ok"]
@@ -228,8 +244,10 @@ def _series_facts(g: pd.DataFrame, rules: SelectionRules) -> tuple[SeriesCandida
         normal /= np.linalg.norm(normal) or 1.0
         obl = float(np.degrees(np.arccos(min(1.0, abs(normal[2])))))
         if obl > rules.max_obliquity_deg:
-            reasons.append(f"orientation: not axial (normal {obl:.0f} deg from the z axis; "
-                           f"max {rules.max_obliquity_deg:g})")
+            reasons.append(
+                f"orientation: not axial (normal {obl:.0f} deg from the z axis; "
+                f"max {rules.max_obliquity_deg:g})"
+            )
         ipp = [v for v in ok["image_position_patient"] if v is not None and len(v) == 3]
         if ipp:
             d = np.unique(np.round(np.asarray(ipp, float) @ normal, 3))
@@ -267,12 +285,22 @@ def _series_facts(g: pd.DataFrame, rules: SelectionRules) -> tuple[SeriesCandida
     if reasons:
         return None, reasons
     kernel = _first(ok["convolution_kernel"])
-    kclass = ("soft" if _search(rules.kernel_soft, kernel)
-              else "sharp" if _search(rules.kernel_sharp, kernel) else "unknown")
+    kclass = (
+        "soft"
+        if _search(rules.kernel_soft, kernel)
+        else "sharp"
+        if _search(rules.kernel_sharp, kernel)
+        else "unknown"
+    )
     return SeriesCandidate(
-        series_instance_uid=str(g["series_instance_uid"].iloc[0]), n_files=len(ok),
-        slice_thickness_mm=thickness, z_coverage_mm=round(z_cov, 3), convolution_kernel=kernel,
-        kernel_class=kclass, series_description=desc, contrast_evidence=evidence,
+        series_instance_uid=str(g["series_instance_uid"].iloc[0]),
+        n_files=len(ok),
+        slice_thickness_mm=thickness,
+        z_coverage_mm=round(z_cov, 3),
+        convolution_kernel=kernel,
+        kernel_class=kclass,
+        series_description=desc,
+        contrast_evidence=evidence,
         series_number=_first(ok["series_number"]) if "series_number" in ok else None,
         notes=tuple(notes),
     ), []
@@ -286,11 +314,20 @@ def _rank(c: SeriesCandidate) -> tuple:
     """Sort key: evidence, kernel, thickness, then the earlier series (non-contrast is usually
     acquired first), more slices, more coverage, UID."""
     sn = c.series_number if c.series_number is not None else 1 << 30
-    return (_EVIDENCE_RANK[c.contrast_evidence], _KERNEL_RANK[c.kernel_class],
-            c.slice_thickness_mm or 99.0, sn, -c.n_files, -c.z_coverage_mm, c.series_instance_uid)
+    return (
+        _EVIDENCE_RANK[c.contrast_evidence],
+        _KERNEL_RANK[c.kernel_class],
+        c.slice_thickness_mm or 99.0,
+        sn,
+        -c.n_files,
+        -c.z_coverage_mm,
+        c.series_instance_uid,
+    )
 
 
-def select_series(index: pd.DataFrame, *, rules: SelectionRules | None = None) -> list[StudySelection]:
+def select_series(
+    index: pd.DataFrame, *, rules: SelectionRules | None = None
+) -> list[StudySelection]:
     """Choose each study's non-contrast series from an index (:func:`read_index` frame).
 
     Rows without a study UID (files that are not DICOM) are ignored.  Returns one
@@ -317,13 +354,19 @@ def select_series(index: pd.DataFrame, *, rules: SelectionRules | None = None) -
         if chosen is not None:
             cg = sg[(sg["series_instance_uid"] == chosen) & (sg["status"] == "ok")]
             files = tuple(sorted(cg["path"]))
-        out.append(StudySelection(
-            study_instance_uid=str(study), patient_key=str(_first(sg["patient_key"]) or ""),
-            study_date=_first(sg["study_date"]) if "study_date" in sg else None,
-            series_instance_uid=chosen, files=files, candidates=tuple(cands),
-            rejections=rejections, status="selected" if chosen else "no_eligible_series",
-            rules_version=rules.version,
-        ))
+        out.append(
+            StudySelection(
+                study_instance_uid=str(study),
+                patient_key=str(_first(sg["patient_key"]) or ""),
+                study_date=_first(sg["study_date"]) if "study_date" in sg else None,
+                series_instance_uid=chosen,
+                files=files,
+                candidates=tuple(cands),
+                rejections=rejections,
+                status="selected" if chosen else "no_eligible_series",
+                rules_version=rules.version,
+            )
+        )
     return out
 
 
@@ -353,8 +396,15 @@ def _disc(radius_px: tuple[float, float]) -> np.ndarray:
     return disc / disc.sum()
 
 
-def _spine_window(bone: np.ndarray, body: np.ndarray, *, py: float, px: float,
-                  col_dir: np.ndarray, row_dir: np.ndarray) -> np.ndarray | None:
+def _spine_window(
+    bone: np.ndarray,
+    body: np.ndarray,
+    *,
+    py: float,
+    px: float,
+    col_dir: np.ndarray,
+    row_dir: np.ndarray,
+) -> np.ndarray | None:
     """In-plane mask 8-75 mm anterior and -30..+45 mm left of the vertebral body, or None."""
     from scipy import ndimage as ndi
 
@@ -383,7 +433,9 @@ def _spine_window(bone: np.ndarray, body: np.ndarray, *, py: float, px: float,
     return (a > 8) & (a < 75) & (lft > -30) & (lft < 45)
 
 
-def blood_pool_hu(volume: CTVolume, *, disc_mm: float = 4.0, slab_mm: float = 80.0) -> tuple[float, int]:
+def blood_pool_hu(
+    volume: CTVolume, *, disc_mm: float = 4.0, slab_mm: float = 80.0
+) -> tuple[float, int]:
     """Blood-pool attenuation (HU) of a volume, and the number of slices it was measured on.
 
     Looks for the aorta as the brightest column that is homogeneous along z: on a central slab
@@ -416,8 +468,9 @@ def blood_pool_hu(volume: CTVolume, *, disc_mm: float = 4.0, slab_mm: float = 80
     bone = ndi.binary_fill_holes(ndi.binary_closing((slab > 400).any(0), iterations=grow))
     bone_ex = ndi.binary_dilation(bone, iterations=max(1, int(round(3.0 / mm))))
     ok = soft & ~bone_ex & (mean.std(0) < 25.0) & (sd.mean(0) < 40.0)
-    window = _spine_window(bone, (slab > -400).all(0), py=py, px=px,
-                           col_dir=aff[:3, 1] / dy, row_dir=aff[:3, 2] / dx)
+    window = _spine_window(
+        bone, (slab > -400).all(0), py=py, px=px, col_dir=aff[:3, 1] / dy, row_dir=aff[:3, 2] / dx
+    )
     if window is not None:
         ok &= window
     if not ok.any():
@@ -443,12 +496,21 @@ def check_phase(volume: CTVolume, rules: SelectionRules | None = None) -> PhaseC
         est = "indeterminate"
     mismatch = est == "contrast"
     action = pc.on_phase_mismatch if mismatch else "accept"
-    reason = (f"blood pool {hu:.0f} HU >= {pc.contrast_min_hu:g} HU: the image shows contrast "
-              "although the tags say non-contrast" if mismatch else
-              f"blood pool {hu:.0f} HU on {n} slices: {est}")
-    return PhaseCheck(estimate=est, blood_pool_hu=round(hu, 1) if np.isfinite(hu) else hu,
-                      n_slices=n, mismatch=mismatch, action=action, reason=reason,
-                      rules_version=rules.version)
+    reason = (
+        f"blood pool {hu:.0f} HU >= {pc.contrast_min_hu:g} HU: the image shows contrast "
+        "although the tags say non-contrast"
+        if mismatch
+        else f"blood pool {hu:.0f} HU on {n} slices: {est}"
+    )
+    return PhaseCheck(
+        estimate=est,
+        blood_pool_hu=round(hu, 1) if np.isfinite(hu) else hu,
+        n_slices=n,
+        mismatch=mismatch,
+        action=action,
+        reason=reason,
+        rules_version=rules.version,
+    )
 
 
 # --- CLI -------------------------------------------------------------------------------------
@@ -473,8 +535,13 @@ def run(args: argparse.Namespace) -> int:
     for col in ("study", "status", "series", "files", "rejected"):
         table.add_column(col)
     for s in sels:
-        table.add_row(s.study_instance_uid[-24:], s.status, (s.series_instance_uid or "-")[-24:],
-                      str(len(s.files)), str(len(s.rejections)))
+        table.add_row(
+            s.study_instance_uid[-24:],
+            s.status,
+            (s.series_instance_uid or "-")[-24:],
+            str(len(s.files)),
+            str(len(s.rejections)),
+        )
     console.print(table)
     if args.out is not None:
         with open(args.out, "w", encoding="utf-8") as f:

@@ -79,6 +79,7 @@ _REL_TOL = 0.02
 _DIR_TOL = 1e-3
 _TILT_MIN_DEG = 0.1
 
+
 @dataclass(frozen=True)
 class SeriesGeometry:
     """Slice geometry of a series, before any resampling.
@@ -120,20 +121,28 @@ def series_geometry(infos: Sequence[dict], *, series: str = "") -> SeriesGeometr
         raise InputError(f"{where}no files given")
     if n == 1:
         raise NotAVolumeError(f"{where}a single image is not a volume (need >= 2 slices)")
-    for key_, name in (("image_orientation_patient", "ImageOrientationPatient"),
-                       ("image_position_patient", "ImagePositionPatient"),
-                       ("pixel_spacing", "PixelSpacing")):
+    for key_, name in (
+        ("image_orientation_patient", "ImageOrientationPatient"),
+        ("image_position_patient", "ImagePositionPatient"),
+        ("pixel_spacing", "PixelSpacing"),
+    ):
         bad = [i for i in infos if not i.get(key_)]
         if bad:
-            raise GeometryError(f"{where}{name} missing in {len(bad)} of {n} files "
-                                f"(e.g. {bad[0].get('path')})", code="missing_geometry")
+            raise GeometryError(
+                f"{where}{name} missing in {len(bad)} of {n} files (e.g. {bad[0].get('path')})",
+                code="missing_geometry",
+            )
     shapes = sorted({(i["rows"], i["columns"]) for i in infos})
     if len(shapes) > 1:
-        raise MixedGeometryError(f"{where}mixed matrix sizes (rows, columns) {shapes}; allowed: one")
+        raise MixedGeometryError(
+            f"{where}mixed matrix sizes (rows, columns) {shapes}; allowed: one"
+        )
     iops = np.array([i["image_orientation_patient"] for i in infos], float)
     if np.abs(iops - iops[0]).max() > _DIR_TOL:
-        raise MixedGeometryError(f"{where}mixed ImageOrientationPatient: "
-                                 f"{sorted({tuple(np.round(v, 4)) for v in iops})[:3]}")
+        raise MixedGeometryError(
+            f"{where}mixed ImageOrientationPatient: "
+            f"{sorted({tuple(np.round(v, 4)) for v in iops})[:3]}"
+        )
     pss = np.array([i["pixel_spacing"] for i in infos], float)
     if np.abs(pss - pss[0]).max() > 1e-4:
         raise MixedGeometryError(f"{where}mixed PixelSpacing {sorted({tuple(v) for v in pss})[:3]}")
@@ -147,13 +156,16 @@ def series_geometry(infos: Sequence[dict], *, series: str = "") -> SeriesGeometr
     d, ipp = d[order], ipp[order]
     gaps = np.diff(d)
     if d[-1] - d[0] <= _POS_TOL_MM:
-        raise NotAVolumeError(f"{where}all {n} images lie at one position ({d[0]:.2f} mm along the "
-                              "normal): not a volume (several acquisitions, echoes or a time series?)")
+        raise NotAVolumeError(
+            f"{where}all {n} images lie at one position ({d[0]:.2f} mm along the "
+            "normal): not a volume (several acquisitions, echoes or a time series?)"
+        )
     if (gaps <= _POS_TOL_MM).any():
         k = int(np.argmax(gaps <= _POS_TOL_MM))
         raise DuplicatePositionError(
             f"{where}{int((gaps <= _POS_TOL_MM).sum())} images share a slice position with "
-            f"another (first at {d[k]:.2f} mm along the normal); allowed: one image per position")
+            f"another (first at {d[k]:.2f} mm along the normal); allowed: one image per position"
+        )
     step = float(np.median(gaps))
     tol = _tol(step)
     multiples = np.maximum(np.rint(gaps / step), 1)
@@ -168,18 +180,28 @@ def series_geometry(infos: Sequence[dict], *, series: str = "") -> SeriesGeometr
     per_mm = span / (d[-1] - d[0])  # LPS displacement per mm along the normal
     resid = ipp - (ipp[0] + np.outer(d - d[0], per_mm))
     if np.linalg.norm(resid, axis=1).max() > max(tol, 0.05):
-        raise GeometryError(f"{where}slice positions are not on one line (max deviation "
-                            f"{np.linalg.norm(resid, axis=1).max():.3f} mm)", code="non_collinear")
+        raise GeometryError(
+            f"{where}slice positions are not on one line (max deviation "
+            f"{np.linalg.norm(resid, axis=1).max():.3f} mm)",
+            code="non_collinear",
+        )
     step_vector = per_mm * step
     cosang = float(np.clip(abs(per_mm @ normal) / np.linalg.norm(per_mm), -1, 1))
     tilt = float(np.degrees(np.arccos(cosang)))
     return SeriesGeometry(
-        order=tuple(int(o) for o in order), positions=tuple(float(v) for v in d),
-        gaps=tuple(float(g) for g in gaps), step=step,
-        step_vector=tuple(float(v) for v in step_vector), normal=tuple(float(v) for v in normal),
-        row_dir=tuple(float(v) for v in row_dir), col_dir=tuple(float(v) for v in col_dir),
-        pixel_spacing=(float(pss[0, 0]), float(pss[0, 1])), origin=tuple(float(v) for v in ipp[0]),
-        tilt_deg=tilt, kind=kind, missing=tuple(int(m) for m in missing),
+        order=tuple(int(o) for o in order),
+        positions=tuple(float(v) for v in d),
+        gaps=tuple(float(g) for g in gaps),
+        step=step,
+        step_vector=tuple(float(v) for v in step_vector),
+        normal=tuple(float(v) for v in normal),
+        row_dir=tuple(float(v) for v in row_dir),
+        col_dir=tuple(float(v) for v in col_dir),
+        pixel_spacing=(float(pss[0, 0]), float(pss[0, 1])),
+        origin=tuple(float(v) for v in ipp[0]),
+        tilt_deg=tilt,
+        kind=kind,
+        missing=tuple(int(m) for m in missing),
     )
 
 
@@ -188,8 +210,6 @@ _POOL_MIN_FILES = 16
 
 def _decode_chunk(paths: list[str], key: bytes) -> list[DecodedSlice]:
     return [read_slice(p, key=key) for p in paths]
-
-
 
 
 def _decode_all(files: Sequence[str], *, key: bytes, workers: int) -> list[DecodedSlice]:
@@ -259,8 +279,10 @@ def load_series(
     ``on_missing_slice``: "refuse" | "resample".  See the module docstring for every case handled
     or refused, and the typed error raised.
     """
-    for name, val, allowed in (("on_uneven", on_uneven, ("resample", "refuse")),
-                               ("on_missing_slice", on_missing_slice, ("refuse", "resample"))):
+    for name, val, allowed in (
+        ("on_uneven", on_uneven, ("resample", "refuse")),
+        ("on_missing_slice", on_missing_slice, ("refuse", "resample")),
+    ):
         if val not in allowed:
             raise InputError(f"{name}={val!r} is not allowed; use one of {allowed}")
     if workers < 1:
@@ -274,11 +296,15 @@ def load_series(
     if series_instance_uid is not None:
         slices = [s for s in slices if s.info["series_instance_uid"] == series_instance_uid]
         if not slices:
-            raise InputError(f"series_instance_uid={series_instance_uid!r} is not among the files' "
-                             f"series {uids[:5]}")
+            raise InputError(
+                f"series_instance_uid={series_instance_uid!r} is not among the files' "
+                f"series {uids[:5]}"
+            )
     elif len(uids) > 1:
-        raise InputError(f"files hold {len(uids)} series ({uids[:5]}); pass series_instance_uid",
-                         code="mixed_series")
+        raise InputError(
+            f"files hold {len(uids)} series ({uids[:5]}); pass series_instance_uid",
+            code="mixed_series",
+        )
     series = slices[0].info["series_instance_uid"]
     flags: list[str] = []
     slices = _drop_identical_positions(_dedupe(slices, flags), flags)
@@ -287,23 +313,34 @@ def load_series(
     rows, cols = ordered[0].stored.shape
     array = np.empty((len(ordered), rows, cols), dtype=np.float32)
     for k, s in enumerate(ordered):
-        to_hu(s.stored, slope=s.slope, intercept=s.intercept, padding_value=s.padding_value,
-              padding_limit=s.padding_limit, out=array[k])
+        to_hu(
+            s.stored,
+            slope=s.slope,
+            intercept=s.intercept,
+            padding_value=s.padding_value,
+            padding_limit=s.padding_limit,
+            out=array[k],
+        )
     positions = np.asarray(geo.positions)
     where = f"series {series}: "
     if geo.kind == "missing_slice":
-        gaps_at = [f"{positions[i]:.2f}->{positions[i + 1]:.2f} mm ({m} missing)"
-                   for i, m in enumerate(geo.missing) if m]
+        gaps_at = [
+            f"{positions[i]:.2f}->{positions[i + 1]:.2f} mm ({m} missing)"
+            for i, m in enumerate(geo.missing)
+            if m
+        ]
         if on_missing_slice == "refuse":
             raise MissingSliceError(
                 f"{where}{sum(geo.missing)} slice(s) missing: gap(s) {', '.join(gaps_at)} with a "
-                f"step of {geo.step:.3f} mm; allowed: none (or on_missing_slice='resample')")
+                f"step of {geo.step:.3f} mm; allowed: none (or on_missing_slice='resample')"
+            )
         flags.append("missing_slice_interpolated")
     elif geo.kind == "uneven":
         if on_uneven == "refuse":
             raise UnevenSpacingError(
                 f"{where}uneven slice spacing: gaps from {min(geo.gaps):.3f} to {max(geo.gaps):.3f}"
-                f" mm (median {geo.step:.3f}); allowed: one step (or on_uneven='resample')")
+                f" mm (median {geo.step:.3f}); allowed: one step (or on_uneven='resample')"
+            )
         flags.append("uneven_spacing")
     if geo.kind != "regular":
         array = _resample_regular(array, positions, geo.step)
@@ -323,20 +360,32 @@ def load_series(
     affine[:3, 3] = geo.origin
     first = ordered[0].info
     prov = {
-        "n_files": len(paths), "n_slices_read": len(ordered),
+        "n_files": len(paths),
+        "n_slices_read": len(ordered),
         "transfer_syntaxes": sorted({s.info["transfer_syntax_uid"] for s in ordered}),
-        "manufacturer": first["manufacturer"], "model": first["manufacturer_model_name"],
+        "manufacturer": first["manufacturer"],
+        "model": first["manufacturer_model_name"],
         "convolution_kernel": first["convolution_kernel"],
-        "slice_thickness": first["slice_thickness"], "series_description": first["series_description"],
-        "study_date": first["study_date"], "tilt_deg": round(geo.tilt_deg, 4),
-        "geometry": geo.kind, "step_mm": geo.step,
+        "slice_thickness": first["slice_thickness"],
+        "series_description": first["series_description"],
+        "study_date": first["study_date"],
+        "tilt_deg": round(geo.tilt_deg, 4),
+        "geometry": geo.kind,
+        "step_mm": geo.step,
         "gaps_mm": [round(g, 4) for g in geo.gaps] if geo.kind != "regular" else [],
-        "source_positions_mm": [round(p, 4) for p in geo.positions] if geo.kind != "regular" else [],
+        "source_positions_mm": [round(p, 4) for p in geo.positions]
+        if geo.kind != "regular"
+        else [],
     }
     vol = CTVolume(
-        array=array, spacing=(abs(geo.step), dy, dx), affine=affine,
-        study_instance_uid=first["study_instance_uid"] or "", series_instance_uid=series or "",
-        patient_key=first["patient_key"] or "", flags=tuple(flags), provenance=prov,
+        array=array,
+        spacing=(abs(geo.step), dy, dx),
+        affine=affine,
+        study_instance_uid=first["study_instance_uid"] or "",
+        series_instance_uid=series or "",
+        patient_key=first["patient_key"] or "",
+        flags=tuple(flags),
+        provenance=prov,
     )
     log.debug("loaded series %s: shape %s flags %s", series, vol.shape, flags)
     return vol
@@ -371,15 +420,20 @@ def _files_for(target: str, *, index: Path | None, key: bytes) -> tuple[list[str
         ok = [r for r in rows if r["status"] == "ok"]
         uids = sorted({r["series_instance_uid"] for r in ok})
         if len(uids) > 1:
-            raise InputError(f"{target} holds {len(uids)} series: {uids}; pass one as --series",
-                             code="mixed_series")
+            raise InputError(
+                f"{target} holds {len(uids)} series: {uids}; pass one as --series",
+                code="mixed_series",
+            )
         if not ok:
-            raise InputError(f"{target} holds no loadable image "
-                             f"({sorted({r['error_code'] for r in rows})})", code="no_images")
+            raise InputError(
+                f"{target} holds no loadable image ({sorted({r['error_code'] for r in rows})})",
+                code="no_images",
+            )
         return [r["path"] for r in ok], uids[0]
     if index is None:
-        raise InputError(f"{target!r} is neither a file nor a folder; a SeriesInstanceUID needs "
-                         "--index DIR")
+        raise InputError(
+            f"{target!r} is neither a file nor a folder; a SeriesInstanceUID needs --index DIR"
+        )
     from pdacscreen.io.index import read_index
 
     df = read_index(index)
@@ -390,8 +444,10 @@ def _files_for(target: str, *, index: Path | None, key: bytes) -> tuple[list[str
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("target", help="a DICOM file, a folder holding one series, or a "
-                        "SeriesInstanceUID (with --index)")
+    parser.add_argument(
+        "target",
+        help="a DICOM file, a folder holding one series, or a SeriesInstanceUID (with --index)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output .nii or .nii.gz")
     parser.add_argument("--index", type=Path, default=None, help="index folder (for a UID)")
     parser.add_argument("--series", default=None, help="SeriesInstanceUID within a folder")
@@ -413,12 +469,20 @@ def run(args: argparse.Namespace) -> int:
             files, uid = [str(f) for f in Path(args.target).rglob("*") if f.is_file()], args.series
         else:
             files, uid = _files_for(args.target, index=args.index, key=key)
-        vol = load_series(files, workers=args.workers, series_instance_uid=uid, key=key,
-                          on_uneven=args.on_uneven, on_missing_slice=args.on_missing_slice)
+        vol = load_series(
+            files,
+            workers=args.workers,
+            series_instance_uid=uid,
+            key=key,
+            on_uneven=args.on_uneven,
+            on_missing_slice=args.on_missing_slice,
+        )
     except PdacscreenError as e:
         console.print(f"[red]refused[/red] ({e.code}): {e}")
         return 2
     write_nifti(vol, args.out)
-    console.print(f"wrote {args.out}: shape (z, y, x) {vol.shape}, spacing {vol.spacing} mm, "
-                  f"flags {list(vol.flags)}")
+    console.print(
+        f"wrote {args.out}: shape (z, y, x) {vol.shape}, spacing {vol.spacing} mm, "
+        f"flags {list(vol.flags)}"
+    )
     return 0

@@ -40,7 +40,9 @@ def phantom_slice(rows: int, cols: int, k: int, *, aorta_hu: float = 40.0) -> np
     ay, ax, ar = sy - 2.1 * sr, sx + 0.5 * sr, 0.045 * rows
     img[(y - ay) ** 2 + (x - ax) ** 2 <= ar**2] = aorta_hu
     # pancreas-ish blob that changes along z so slice order is visible
-    img[(y - (cy - 0.05 * rows)) ** 2 + (x - cx + 0.1 * cols) ** 2 <= (0.03 * rows + k % 5) ** 2] = 45
+    img[
+        (y - (cy - 0.05 * rows)) ** 2 + (x - cx + 0.1 * cols) ** 2 <= (0.03 * rows + k % 5) ** 2
+    ] = 45
     return img
 
 
@@ -93,7 +95,9 @@ def write_series(
     study_uid, series_uid = uid("study", study), uid("series", study, name)
     paths = []
     for k, p in enumerate(pos):
-        hu = image_fn(k) if image_fn is not None else phantom_slice(rows, cols, k, aorta_hu=aorta_hu)
+        hu = (
+            image_fn(k) if image_fn is not None else phantom_slice(rows, cols, k, aorta_hu=aorta_hu)
+        )
         stored = np.round((hu - intercept) / slope)
         if padding is not None:
             outside = hu <= -1000
@@ -168,7 +172,8 @@ def phantom_archive(tmp_path_factory) -> tuple[Path, Path]:
     base = tmp_path_factory.getbasetemp() / "ingest-phantom"
     archive, index = base / "archive", base / "index"
     if not (archive / "truth.parquet").exists():
-        generate_archive(archive, studies=PHANTOM_STUDIES, seed=11, matrix=128, compress="mixed",
-                         workers=1)
+        generate_archive(
+            archive, studies=PHANTOM_STUDIES, seed=11, matrix=128, compress="mixed", workers=1
+        )
         update_index(archive / "dicom", index, key=PHANTOM_KEY, workers=1)
     return archive, index

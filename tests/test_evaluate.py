@@ -11,13 +11,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from scipy.stats import norm
+from sklearn import metrics as skm
+from synthetic_store import make_synthetic_findings
+
 from pdacscreen.flows import metrics as M
 from pdacscreen.flows.cli import main
 from pdacscreen.flows.evaluate import evaluate, write
 from pdacscreen.io.errors import InputError
-from scipy.stats import norm
-from sklearn import metrics as skm
-from synthetic_store import make_synthetic_findings
 
 
 def data(seed: int, n: int = 400, ties: bool = True):
@@ -232,6 +233,7 @@ def test_plots_are_optional(evaluated, tmp_path, monkeypatch):
 
 def test_mask_based_lesion_level(tmp_path):
     import nibabel as nib
+
     from pdacscreen.io.store import FindingsStore
 
     st = FindingsStore(tmp_path / "store")

@@ -39,8 +39,14 @@ def _no_pixels(path) -> None:
 def archive(tmp_path):
     root = tmp_path / "archive"
     write_series(root / "p1" / "a" / "b", name="s1", study="st1", n=6, patient_id=SECRET_ID)
-    write_series(root / "p1" / "jls", name="s2", study="st1", n=4, patient_id=SECRET_ID,
-                 transfer_syntax=JPEGLSLossless)
+    write_series(
+        root / "p1" / "jls",
+        name="s2",
+        study="st1",
+        n=4,
+        patient_id=SECRET_ID,
+        transfer_syntax=JPEGLSLossless,
+    )
     write_series(root / "p2", name="s3", study="st2", n=5, patient_id=None, blank_uids=True)
     bad = root / "bad"
     bad.mkdir()
@@ -96,8 +102,10 @@ def test_patient_id_never_stored(archive, tmp_path):
     for part in (tmp_path / "idx").rglob("*"):
         if part.is_file():
             assert SECRET_ID.encode() not in part.read_bytes(), part
-    assert not any("patient_id" in c.lower() and c != "patient_key"
-                   for c in read_index(tmp_path / "idx").columns)
+    assert not any(
+        "patient_id" in c.lower() and c != "patient_key"
+        for c in read_index(tmp_path / "idx").columns
+    )
 
 
 def test_incremental_reads_only_changes(archive, tmp_path):
@@ -168,12 +176,16 @@ def test_key_configuration(archive, tmp_path, monkeypatch):
     key_file.write_bytes(b"file-key-0123456789abcdef\n")
     monkeypatch.setenv("PDACSCREEN_PSEUDONYM_KEY_FILE", str(key_file))
     assert resolve_key() == b"file-key-0123456789abcdef"
-    assert patient_key(" X1 ", key=b"k") == patient_key("X1", key=b"k") != patient_key("X1", key=b"j")
+    assert (
+        patient_key(" X1 ", key=b"k") == patient_key("X1", key=b"k") != patient_key("X1", key=b"j")
+    )
 
 
 def test_cli(archive, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PDACSCREEN_PSEUDONYM_KEY", "cli-key-0123456789abcdef")
-    assert cli_main(["index", str(archive), "--index", str(tmp_path / "idx"), "--workers", "1"]) == 0
+    assert (
+        cli_main(["index", str(archive), "--index", str(tmp_path / "idx"), "--workers", "1"]) == 0
+    )
     assert "new=20" in capsys.readouterr().out.replace("\n", "")
     out = tmp_path / "sel.jsonl"
     assert cli_main(["select", "--index", str(tmp_path / "idx"), "--out", str(out)]) == 0
@@ -181,5 +193,7 @@ def test_cli(archive, tmp_path, monkeypatch, capsys):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     # st1, st2 (blank UIDs) and the studies of nopix.dcm and cut_header.dcm (derived UID)
     assert len(rows) == 4 and {r["status"] for r in rows} == {"no_eligible_series"}
-    assert sum(any("z_coverage" in x for rs in r["rejections"].values() for x in rs)
-               for r in rows) == 2
+    assert (
+        sum(any("z_coverage" in x for rs in r["rejections"].values() for x in rs) for r in rows)
+        == 2
+    )

@@ -55,8 +55,11 @@ def test_ge_tilted_uneven_series_geometry_agrees_with_dcm2niix(real_ct):
     assert vol.affine[2, 0] == pytest.approx(sform[2, 2] / np.cos(np.radians(18.5)), abs=1e-3)
     for f in files[:14]:  # the affine reproduces every ImagePositionPatient of the 4 mm block
         ipp = np.array(read_slice(f, key=KEY).info["image_position_patient"])
-        k = np.argmin(np.linalg.norm(vol.affine[:3, 3] + np.outer(np.arange(14), vol.affine[:3, 0])
-                                     - ipp, axis=1))
+        k = np.argmin(
+            np.linalg.norm(
+                vol.affine[:3, 3] + np.outer(np.arange(14), vol.affine[:3, 0]) - ipp, axis=1
+            )
+        )
         np.testing.assert_allclose(voxel_to_world(vol.affine, [k, 0, 0]), ipp, atol=1e-3)
 
 
@@ -108,8 +111,10 @@ def test_sliceincrement_reports_the_gap(real_ct):
     with pytest.raises(MissingSliceError, match=r"28\.11->38\.11 mm \(1 missing\)") as e:
         load_series(_files(real_ct / "dicom2nifti/sliceincrement/001"), key=KEY)
     assert e.value.code == "missing_slice"
-    assert "Interslice distance varies" in (
-        real_ct / "dicom2nifti/Ref/sliceincrement_001/dcm2niix.log").read_text()
+    assert (
+        "Interslice distance varies"
+        in (real_ct / "dicom2nifti/Ref/sliceincrement_001/dcm2niix.log").read_text()
+    )
 
 
 def test_index_of_fixture_tree(real_ct, tmp_path):
@@ -120,8 +125,10 @@ def test_index_of_fixture_tree(real_ct, tmp_path):
     assert by_name["README.md"]["error_code"] == "not_dicom"
     assert by_name["01.dcm"]["status"] == "ok" and by_name["01.dcm"]["modality"] == "CT"
     bad_ts = [n for n, r in by_name.items() if r["error_code"] == "unsupported_transfer_syntax"]
-    assert sorted(t.split("_")[-1][:-4] for t in bad_ts) == ["1.2.840.10008.1.2.4.53",
-                                                             "1.2.840.10008.1.2.4.55"]
+    assert sorted(t.split("_")[-1][:-4] for t in bad_ts) == [
+        "1.2.840.10008.1.2.4.53",
+        "1.2.840.10008.1.2.4.55",
+    ]
     ge = df[df["path"].str.contains("dcm_qa_ct/In/GE/")]
     assert ge["series_instance_uid"].nunique() == 1 and ge["status"].eq("ok").all()
     assert not any("PatientID" in c for c in df.columns)

@@ -41,24 +41,83 @@ def study_index(tmp_path_factory):
     """One study with the usual series around the non-contrast one, and a contrast-only study."""
     root = tmp_path_factory.mktemp("archive")
     s = "study-A"
-    write_series(root / "loc", name="loc", study=s, n=1, image_type="ORIGINAL\\PRIMARY\\LOCALIZER",
-                 description="Topogram 0.6 T20s", iop=(0, 1, 0, 0, 0, -1), series_number=1)
-    write_series(root / "nc", name="nc", study=s, description="Abdomen nativ 2.5 Br40",
-                 kernel="Br40", series_number=2, **BIG)
-    write_series(root / "ncbone", name="ncbone", study=s, description="Abdomen nativ 1.0 Br64",
-                 kernel="Br64", thickness=1.0, series_number=3, **{**BIG, "step": 1.0, "n": 110})
-    write_series(root / "pv", name="pv", study=s, description="ABD PV 2.5", kernel="Br40",
-                 contrast_agent="OMNIPAQUE 350", series_number=4, **BIG)
-    write_series(root / "thick", name="thick", study=s, description="NATIV 8mm", thickness=8,
-                 series_number=5, **{**BIG, "step": 8.0, "n": 15})
-    write_series(root / "cor", name="cor", study=s, description="COR MPR 3",
-                 image_type="DERIVED\\SECONDARY\\REFORMATTED", iop=(1, 0, 0, 0, 0, -1),
-                 series_number=6, **BIG)
-    write_series(root / "short", name="short", study=s, description="NC liver", n=8, rows=24,
-                 cols=24, series_number=7)
+    write_series(
+        root / "loc",
+        name="loc",
+        study=s,
+        n=1,
+        image_type="ORIGINAL\\PRIMARY\\LOCALIZER",
+        description="Topogram 0.6 T20s",
+        iop=(0, 1, 0, 0, 0, -1),
+        series_number=1,
+    )
+    write_series(
+        root / "nc",
+        name="nc",
+        study=s,
+        description="Abdomen nativ 2.5 Br40",
+        kernel="Br40",
+        series_number=2,
+        **BIG,
+    )
+    write_series(
+        root / "ncbone",
+        name="ncbone",
+        study=s,
+        description="Abdomen nativ 1.0 Br64",
+        kernel="Br64",
+        thickness=1.0,
+        series_number=3,
+        **{**BIG, "step": 1.0, "n": 110},
+    )
+    write_series(
+        root / "pv",
+        name="pv",
+        study=s,
+        description="ABD PV 2.5",
+        kernel="Br40",
+        contrast_agent="OMNIPAQUE 350",
+        series_number=4,
+        **BIG,
+    )
+    write_series(
+        root / "thick",
+        name="thick",
+        study=s,
+        description="NATIV 8mm",
+        thickness=8,
+        series_number=5,
+        **{**BIG, "step": 8.0, "n": 15},
+    )
+    write_series(
+        root / "cor",
+        name="cor",
+        study=s,
+        description="COR MPR 3",
+        image_type="DERIVED\\SECONDARY\\REFORMATTED",
+        iop=(1, 0, 0, 0, 0, -1),
+        series_number=6,
+        **BIG,
+    )
+    write_series(
+        root / "short",
+        name="short",
+        study=s,
+        description="NC liver",
+        n=8,
+        rows=24,
+        cols=24,
+        series_number=7,
+    )
     _dose_report(root / "dose" / "sr.dcm", s)
-    write_series(root / "b", name="pvonly", study="study-B", description="Portal venous 3mm",
-                 contrast_agent="Iomeron 400", **BIG)
+    write_series(
+        root / "b",
+        name="pvonly",
+        study="study-B",
+        description="Portal venous 3mm",
+        contrast_agent="Iomeron 400",
+        **BIG,
+    )
     (root / "notes.txt").write_text("not DICOM")
     update_index(root, root.parent / "idx", key=KEY, workers=1)
     return read_index(root.parent / "idx")
@@ -74,8 +133,11 @@ def _by_desc(sel, desc):
 def test_picks_noncontrast_soft_series_and_explains_the_rest(study_index):
     sels = select_series(study_index)
     assert len(sels) == 2
-    a = next(s for s in sels if any(c.series_description.startswith("Abdomen nativ 2.5")
-                                    for c in s.candidates))
+    a = next(
+        s
+        for s in sels
+        if any(c.series_description.startswith("Abdomen nativ 2.5") for c in s.candidates)
+    )
     assert a.status == "selected"
     assert a.candidates[0].series_description == "Abdomen nativ 2.5 Br40"
     assert a.series_instance_uid == a.candidates[0].series_instance_uid
@@ -101,14 +163,47 @@ def test_contrast_only_study_reports_no_eligible_series(study_index):
     assert any("ContrastBolusAgent='Iomeron 400'" in r for r in reasons)
 
 
-NONCONTRAST = ["Abdomen nativ 5mm", "ABD W/O", "Abdomen w/o", "NC ABDOMEN 2.5", "Non-Con",
-               "Pre-contrast 5mm", "PLAIN ABDOMEN", "Unenhanced", "ABDOMEN SIN CONTRASTE",
-               "ABDO SANS INJECTION", "senza mdc", "Buik blanco", "ZONDER CONTRAST",
-               "Oberbauch ohne KM", "腹部 単純", "Diretta 2.5mm", "BASALE", "W/O CONTRAST"]
-CONTRAST = ["ABD PV", "Portal venous", "C+ PV", "Post-contrast", "VENOUS 5mm", "Abdomen w/",
-            "Abd 70s", "Abdomen KM venös", "Oberbauch portalvenös", "ABDO TPV", "AVEC INJECTION",
-            "con mdc fase portale", "FASE VENOSA", "Con contraste portal", "Portaal veneus",
-            "MET CONTRAST", "腹部 造影 門脈相", "Arterial phase 1mm", "CTA abdomen"]
+NONCONTRAST = [
+    "Abdomen nativ 5mm",
+    "ABD W/O",
+    "Abdomen w/o",
+    "NC ABDOMEN 2.5",
+    "Non-Con",
+    "Pre-contrast 5mm",
+    "PLAIN ABDOMEN",
+    "Unenhanced",
+    "ABDOMEN SIN CONTRASTE",
+    "ABDO SANS INJECTION",
+    "senza mdc",
+    "Buik blanco",
+    "ZONDER CONTRAST",
+    "Oberbauch ohne KM",
+    "腹部 単純",
+    "Diretta 2.5mm",
+    "BASALE",
+    "W/O CONTRAST",
+]
+CONTRAST = [
+    "ABD PV",
+    "Portal venous",
+    "C+ PV",
+    "Post-contrast",
+    "VENOUS 5mm",
+    "Abdomen w/",
+    "Abd 70s",
+    "Abdomen KM venös",
+    "Oberbauch portalvenös",
+    "ABDO TPV",
+    "AVEC INJECTION",
+    "con mdc fase portale",
+    "FASE VENOSA",
+    "Con contraste portal",
+    "Portaal veneus",
+    "MET CONTRAST",
+    "腹部 造影 門脈相",
+    "Arterial phase 1mm",
+    "CTA abdomen",
+]
 
 
 @pytest.mark.parametrize("desc", NONCONTRAST)
@@ -126,16 +221,32 @@ def test_contrast_descriptions(desc):
 
 def test_agent_tag_policy(tmp_path):
     root = tmp_path / "a"
-    write_series(root / "x", name="x", study="s", description="Abdomen", contrast_agent="KM",
-                 series_number=2, **BIG)
-    write_series(root / "y", name="y", study="s", description="Abdomen nativ",
-                 contrast_agent="OMNIPAQUE", series_number=3, **BIG)
+    write_series(
+        root / "x",
+        name="x",
+        study="s",
+        description="Abdomen",
+        contrast_agent="KM",
+        series_number=2,
+        **BIG,
+    )
+    write_series(
+        root / "y",
+        name="y",
+        study="s",
+        description="Abdomen nativ",
+        contrast_agent="OMNIPAQUE",
+        series_number=3,
+        **BIG,
+    )
     update_index(root, tmp_path / "idx", key=KEY, workers=1)
     df = read_index(tmp_path / "idx")
     (sel,) = select_series(df)
     # the wrong tag on the "nativ" series is noted; the neutral tagged one is demoted
-    assert [c.contrast_evidence for c in sel.candidates] == ["noncontrast_description",
-                                                            "contrast_agent_tag"]
+    assert [c.contrast_evidence for c in sel.candidates] == [
+        "noncontrast_description",
+        "contrast_agent_tag",
+    ]
     assert sel.candidates[0].notes and "OMNIPAQUE" in sel.candidates[0].notes[0]
     rules_path = tmp_path / "strict.json"
     rules_path.write_text(json.dumps({"version": "strict-1", "contrast_agent_policy": "reject"}))
@@ -151,10 +262,12 @@ def test_rules_override_and_validation(tmp_path, study_index):
     assert rules.min_slices == load_rules().min_slices  # untouched keys keep the defaults
     a = next(s for s in select_series(study_index, rules=rules) if s.status == "selected")
     assert any(c.series_description == "NATIV 8mm" for c in a.candidates)
-    for bad, msg in (({"version": "x", "max_thickness": 3}, "unknown key"),
-                     ({"max_slice_thickness_mm": 3}, "version"),
-                     ({"version": "x", "contrast_description": ["("]}, "bad regex"),
-                     ({"version": "x", "phase_check": {"on_phase_mismatch": "ignore"}}, "flag")):
+    for bad, msg in (
+        ({"version": "x", "max_thickness": 3}, "unknown key"),
+        ({"max_slice_thickness_mm": 3}, "version"),
+        ({"version": "x", "contrast_description": ["("]}, "bad regex"),
+        ({"version": "x", "phase_check": {"on_phase_mismatch": "ignore"}}, "flag"),
+    ):
         p.write_text(json.dumps(bad))
         with pytest.raises(InputError, match=msg):
             load_rules(p)
@@ -171,15 +284,23 @@ def test_phase_check_on_phantom_subjects(seed):
     assert pv.estimate == "contrast" and pv.mismatch and pv.action == "flag"
     assert pv.blood_pool_hu > 130
     p = load_rules()
-    strict = p.__class__(**{**p.__dict__,
-                            "phase_check": p.phase_check.__class__(on_phase_mismatch="reject")})
-    assert check_phase(CTVolume(array=sub.contrast, spacing=sub.spacing, affine=sub.affine),
-                       strict).action == "reject"
+    strict = p.__class__(
+        **{**p.__dict__, "phase_check": p.phase_check.__class__(on_phase_mismatch="reject")}
+    )
+    assert (
+        check_phase(
+            CTVolume(array=sub.contrast, spacing=sub.spacing, affine=sub.affine), strict
+        ).action
+        == "reject"
+    )
 
 
 def test_phase_check_without_body_is_indeterminate():
-    vol = CTVolume(array=np.full((6, 32, 32), -1000, np.float32), spacing=(3, 1, 1),
-                   affine=np.diag([3.0, 1, 1, 1]))
+    vol = CTVolume(
+        array=np.full((6, 32, 32), -1000, np.float32),
+        spacing=(3, 1, 1),
+        affine=np.diag([3.0, 1, 1, 1]),
+    )
     pc = check_phase(vol)
     assert pc.estimate == "indeterminate" and not pc.mismatch and np.isnan(pc.blood_pool_hu)
 
@@ -195,7 +316,10 @@ def test_selection_on_phantom_archive_matches_truth(tmp_path_factory):
     for row in truth.itertuples():
         sel = sels[row.study_instance_uid]
         assert sel.status == "selected"
-        assert sel.series_instance_uid == row.noncontrast_series_uid, (row.nc_series_description,
-                                                                       row.pv_series_description)
+        assert sel.series_instance_uid == row.noncontrast_series_uid, (
+            row.nc_series_description,
+            row.pv_series_description,
+        )
         assert row.contrast_series_uid in sel.rejections or any(
-            c.series_instance_uid == row.contrast_series_uid for c in sel.candidates[1:])
+            c.series_instance_uid == row.contrast_series_uid for c in sel.candidates[1:]
+        )

@@ -49,12 +49,15 @@ def test_affine_maps_rows_and_columns(tmp_path):
     vol = load_series(files, key=KEY)
     ipp0 = _ipp(files[0])
     # voxel (0, j, i) = IPP + i * col_spacing * row_dir + j * row_spacing * col_dir
-    np.testing.assert_allclose(voxel_to_world(vol.affine, [0, 2, 3]),
-                               ipp0 + 3 * 0.7 * np.array([1, 0, 0]) + 2 * 0.5 * np.array([0, 0, -1]))
+    np.testing.assert_allclose(
+        voxel_to_world(vol.affine, [0, 2, 3]),
+        ipp0 + 3 * 0.7 * np.array([1, 0, 0]) + 2 * 0.5 * np.array([0, 0, -1]),
+    )
     normal = np.cross(iop[:3], iop[3:])
     np.testing.assert_allclose(vol.affine[:3, 0], 3.0 * normal, atol=1e-6)
-    np.testing.assert_allclose(world_to_voxel(vol.affine, voxel_to_world(vol.affine, [4, 1, 2])),
-                               [4, 1, 2], atol=1e-9)
+    np.testing.assert_allclose(
+        world_to_voxel(vol.affine, voxel_to_world(vol.affine, [4, 1, 2])), [4, 1, 2], atol=1e-9
+    )
 
 
 def test_gantry_tilt_keeps_sheared_geometry(tmp_path):
@@ -119,8 +122,9 @@ def test_duplicates(tmp_path):
     vol = load_series(files + files[:2], key=KEY)  # the same instances twice
     assert vol.shape[0] == 6 and "duplicate_files" in vol.flags
     # different pixels at the same positions, new SOP UIDs, same series
-    other = write_series(tmp_path / "dup", n=6, sop_salt="x",
-                         image_fn=lambda k: phantom_slice(64, 64, k) + 5)
+    other = write_series(
+        tmp_path / "dup", n=6, sop_salt="x", image_fn=lambda k: phantom_slice(64, 64, k) + 5
+    )
     with pytest.raises(DuplicatePositionError):
         load_series(files + other, key=KEY)
 
@@ -167,8 +171,13 @@ def test_read_slice_matches_pydicom(tmp_path):
 
 def test_nifti_round_trip(tmp_path):
     tilt = np.radians(10.0)
-    files = write_series(tmp_path / "s", n=5, iop=(1, 0, 0, 0, np.cos(tilt), -np.sin(tilt)),
-                         step_vector=(0, 0, 1), step=3)
+    files = write_series(
+        tmp_path / "s",
+        n=5,
+        iop=(1, 0, 0, 0, np.cos(tilt), -np.sin(tilt)),
+        step_vector=(0, 0, 1),
+        step=3,
+    )
     vol = load_series(files, key=KEY)
     out = write_nifti(vol, tmp_path / "v.nii.gz")
     arr, aff = read_nifti(out)
@@ -212,10 +221,26 @@ def test_phantom_volumes_match_dcm2niix(phantom, tmp_path, monkeypatch):
     for row in truth.itertuples():
         peer = tmp_path / "dcm2niix" / str(row.study_index)
         peer.mkdir(parents=True)
-        subprocess.run([str(dcm2niix), "-b", "n", "-z", "n", "-f", "%j", "-o", str(peer),
-                        str(archive / row.study_dir)], check=True, capture_output=True)
-        for uid, ts in ((row.noncontrast_series_uid, row.noncontrast_transfer_syntax),
-                        (row.contrast_series_uid, row.contrast_transfer_syntax)):
+        subprocess.run(
+            [
+                str(dcm2niix),
+                "-b",
+                "n",
+                "-z",
+                "n",
+                "-f",
+                "%j",
+                "-o",
+                str(peer),
+                str(archive / row.study_dir),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        for uid, ts in (
+            (row.noncontrast_series_uid, row.noncontrast_transfer_syntax),
+            (row.contrast_series_uid, row.contrast_transfer_syntax),
+        ):
             ours_path = tmp_path / f"{uid}.nii.gz"
             assert cli_main(["volume", uid, "--index", str(index), "--out", str(ours_path)]) == 0
             ours, ours_aff = read_nifti(ours_path)  # (z, y, x) HU, index -> LPS

@@ -43,8 +43,15 @@ def _best(fn, repeats: int = 2):
 def test_bench_index(tmp_path):
     root = tmp_path / "archive"
     for s in range(100):
-        write_series(root / f"p{s % 20}" / f"s{s}", name=f"s{s}", study=f"st{s % 20}", n=60,
-                     rows=16, cols=16, patient_id=f"P{s % 20}")
+        write_series(
+            root / f"p{s % 20}" / f"s{s}",
+            name=f"s{s}",
+            study=f"st{s % 20}",
+            n=60,
+            rows=16,
+            cols=16,
+            patient_id=f"P{s % 20}",
+        )
     files = sorted(str(p) for p in root.rglob("*.dcm"))
     assert len(files) == 6000
 
@@ -65,16 +72,22 @@ def test_bench_index(tmp_path):
     assert u1.read == u2.read == 6000 and u1.bad == u2.bad == 0
     assert len(read_index(i1)) == len(read_index(i2)) == 6000
     f0, f1, f2 = (len(files) / t for t in (t_floor, t1, t2))
-    print(f"\nBENCH index_w1 ratio={f1 / f0:.2f} files/s of update_index(workers=1) "
-          f"({f1:.0f}/s) vs bare dcmread(stop_before_pixels) loop ({f0:.0f}/s), 1 core each")
-    print(f"BENCH index_w2 ratio={f2 / f0:.2f} files/s of update_index(workers=2, Dask "
-          f"processes) ({f2:.0f}/s) vs the same 1-core floor")
+    print(
+        f"\nBENCH index_w1 ratio={f1 / f0:.2f} files/s of update_index(workers=1) "
+        f"({f1:.0f}/s) vs bare dcmread(stop_before_pixels) loop ({f0:.0f}/s), 1 core each"
+    )
+    print(
+        f"BENCH index_w2 ratio={f2 / f0:.2f} files/s of update_index(workers=2, Dask "
+        f"processes) ({f2:.0f}/s) vs the same 1-core floor"
+    )
     print(f"BENCH index_scaling ratio={f2 / f1:.2f} update_index workers=2 vs workers=1")
     # incremental: nothing changed -> only the walk
     t_inc, upd = _best(lambda: update_index(root, i1, key=KEY, workers=2))
     assert upd.read == 0
-    print(f"BENCH index_incremental ratio={t1 / t_inc:.1f} full index (workers=1) vs "
-          "re-index of an unchanged archive")
+    print(
+        f"BENCH index_incremental ratio={t1 / t_inc:.1f} full index (workers=1) vs "
+        "re-index of an unchanged archive"
+    )
 
 
 def _naive(files):
@@ -91,21 +104,37 @@ def _noisy(k: int) -> np.ndarray:
 
 @pytest.mark.parametrize(
     ("name", "n", "ts", "image_fn"),
-    [("volume_512x512x300", 300, None, None), ("volume_512x512x64_j2k", 64, JPEG2000Lossless,
-                                               _noisy)],
+    [
+        ("volume_512x512x300", 300, None, None),
+        ("volume_512x512x64_j2k", 64, JPEG2000Lossless, _noisy),
+    ],
 )
 def test_bench_volume(tmp_path, name, n, ts, image_fn):
     kw = {"transfer_syntax": ts} if ts else {}
-    files = write_series(tmp_path / "s", n=n, rows=512, cols=512, pixel_spacing=(0.7, 0.7),
-                         step=1.0, thickness=1.0, image_fn=image_fn, **kw)
+    files = write_series(
+        tmp_path / "s",
+        n=n,
+        rows=512,
+        cols=512,
+        pixel_spacing=(0.7, 0.7),
+        step=1.0,
+        thickness=1.0,
+        image_fn=image_fn,
+        **kw,
+    )
     files = [str(f) for f in files[::-1]]  # files in reverse z order; InstanceNumber shuffled
     t_naive, ref = _best(lambda: _naive(files))
     t1, v1 = _best(lambda: load_series(files, key=KEY, workers=1))
     t2, v2 = _best(lambda: load_series(files, key=KEY, workers=2))
     np.testing.assert_array_equal(v2.array, np.maximum(ref, -1024))  # same HU, air-clipped
     np.testing.assert_array_equal(v1.array, v2.array)
-    print(f"\nBENCH {name} ratio={t_naive / t2:.2f} load_series(workers=2) ({t2:.2f}s) vs naive "
-          f"dcmread+pixel_array+sort+stack+rescale loop ({t_naive:.2f}s)")
-    how = ("uncompressed: read in-process either way, by design" if ts is None
-           else "compressed: decoded by 2 worker processes vs in-process")
+    print(
+        f"\nBENCH {name} ratio={t_naive / t2:.2f} load_series(workers=2) ({t2:.2f}s) vs naive "
+        f"dcmread+pixel_array+sort+stack+rescale loop ({t_naive:.2f}s)"
+    )
+    how = (
+        "uncompressed: read in-process either way, by design"
+        if ts is None
+        else "compressed: decoded by 2 worker processes vs in-process"
+    )
     print(f"BENCH {name}_scaling ratio={t1 / t2:.2f} load_series workers=2 vs workers=1 ({how})")
