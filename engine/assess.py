@@ -121,20 +121,28 @@ def phantom_cases(
             )
             tmp = path.with_suffix(".tmp.npz")
             np.savez(
-                tmp, hu=sub.noncontrast.astype(np.int16), label=sub.labels, affine=sub.affine,
-                spacing=np.array(sub.spacing), truth=np.str_(json.dumps(sub.truth, default=float)),
+                tmp,
+                hu=sub.noncontrast.astype(np.int16),
+                label=sub.labels,
+                affine=sub.affine,
+                spacing=np.array(sub.spacing),
+                truth=np.str_(json.dumps(sub.truth, default=float)),
             )
             tmp.replace(path)
         with np.load(path) as z:
             truth = json.loads(str(z["truth"]))
             volume = CTVolume(
-                z["hu"].astype(np.float32), tuple(z["spacing"]), z["affine"],
+                z["hu"].astype(np.float32),
+                tuple(z["spacing"]),
+                z["affine"],
                 series_instance_uid=f"phantom-{tag}",
             )
             yield Case(volume, z["label"], truth)
 
 
-def assess_cases(cases: Iterable[Case], package_dir: Path | None, *, threads: int | None = None) -> list[dict]:
+def assess_cases(
+    cases: Iterable[Case], package_dir: Path | None, *, threads: int | None = None
+) -> list[dict]:
     """One row per study: truth, prediction, localisation hit, QC flags, seconds."""
     from pdacscreen.engine.inference import Detector
     from pdacscreen.engine.package import load_package
@@ -168,8 +176,14 @@ def assess_cases(cases: Iterable[Case], package_dir: Path | None, *, threads: in
             }
         )
         log.info(
-            "assess %d %s %.0fmm p=%.3f flag=%s localised=%s %.1fs", i + 1, case.lesion_type,
-            rows[-1]["lesion_diameter_mm"], res.pdac_probability, res.pdac_flag, hit, seconds,
+            "assess %d %s %.0fmm p=%.3f flag=%s localised=%s %.1fs",
+            i + 1,
+            case.lesion_type,
+            rows[-1]["lesion_diameter_mm"],
+            res.pdac_probability,
+            res.pdac_flag,
+            hit,
+            seconds,
         )
     return rows
 
@@ -224,32 +238,50 @@ def main(argv: list[str] | None = None) -> int:
     from pdacscreen.engine.modelcard import write_model_card
     from pdacscreen.engine.package import REFERENCE_PACKAGE, load_package
 
-    ap = argparse.ArgumentParser(prog="python -m pdacscreen.engine.assess", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m pdacscreen.engine.assess", description=__doc__.split("\n")[0]
+    )
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--archive", type=Path, help="a DICOM phantom archive (pdacscreen phantom)")
-    src.add_argument("--phantom-seed", type=int, help="make the subjects of this archive seed in memory")
+    src.add_argument(
+        "--phantom-seed", type=int, help="make the subjects of this archive seed in memory"
+    )
     ap.add_argument("--studies", type=int, default=200, help="with --phantom-seed")
     ap.add_argument("--matrix", type=int, default=256, help="with --phantom-seed")
-    ap.add_argument("--slice-thickness-mm", type=float, nargs="+", default=None, help="override (cycled)")
+    ap.add_argument(
+        "--slice-thickness-mm", type=float, nargs="+", default=None, help="override (cycled)"
+    )
     ap.add_argument("--noise-hu", type=float, default=None, help="override the noise level")
     ap.add_argument("--cache", type=Path, default=Path("work/engine/assess-cache"))
-    ap.add_argument("--model", type=Path, default=None, help="model package (default: the reference)")
-    ap.add_argument("--name", default=None, help="column name in the quality table (default: folder name)")
+    ap.add_argument(
+        "--model", type=Path, default=None, help="model package (default: the reference)"
+    )
+    ap.add_argument(
+        "--name", default=None, help="column name in the quality table (default: folder name)"
+    )
     ap.add_argument("--out", type=Path, default=None, help="write rows + summary JSON here")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--note", action="append", default=[], help="a note for the model card")
-    ap.add_argument("--update-card", action="store_true", help="merge into PKG/assessment.json + README")
+    ap.add_argument(
+        "--update-card", action="store_true", help="merge into PKG/assessment.json + README"
+    )
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     pkg = load_package(args.model)
     if args.archive is not None:
         cases = archive_cases(args.archive, limit=args.limit)
         source = f"--archive {args.archive}"
     else:
         cases = phantom_cases(
-            seed=args.phantom_seed, studies=args.limit or args.studies, matrix=args.matrix,
-            cache=args.cache, slice_thickness_mm=args.slice_thickness_mm, noise_hu=args.noise_hu,
+            seed=args.phantom_seed,
+            studies=args.limit or args.studies,
+            matrix=args.matrix,
+            cache=args.cache,
+            slice_thickness_mm=args.slice_thickness_mm,
+            noise_hu=args.noise_hu,
         )
         source = f"--phantom-seed {args.phantom_seed} --studies {args.limit or args.studies} --matrix {args.matrix}"
         if args.slice_thickness_mm:
@@ -259,16 +291,26 @@ def main(argv: list[str] | None = None) -> int:
     rows = assess_cases(cases, args.model, threads=args.threads)
     summary = summarise(rows, operating=pkg.thresholds.operating)
     summary["source"] = source
-    summary["matrix"] = int(rows[0].get("matrix", 0)) if rows and "matrix" in rows[0] else args.matrix
+    summary["matrix"] = (
+        int(rows[0].get("matrix", 0)) if rows and "matrix" in rows[0] else args.matrix
+    )
     summary["seed"] = args.phantom_seed
-    name = args.name or (Path(args.archive).name if args.archive else f"phantom-{args.phantom_seed}")
+    name = args.name or (
+        Path(args.archive).name if args.archive else f"phantom-{args.phantom_seed}"
+    )
     print(json.dumps({name: summary}, indent=2))  # noqa: T201 - CLI output
     if args.out:
-        Path(args.out).write_text(json.dumps({"summary": summary, "rows": rows}, indent=2, default=float))
+        Path(args.out).write_text(
+            json.dumps({"summary": summary, "rows": rows}, indent=2, default=float)
+        )
     if args.update_card:
         root = args.model or REFERENCE_PACKAGE
         path = Path(root) / "assessment.json"
-        data = json.loads(path.read_text()) if path.is_file() else {"archives": {}, "notes": [], "commands": []}
+        data = (
+            json.loads(path.read_text())
+            if path.is_file()
+            else {"archives": {}, "notes": [], "commands": []}
+        )
         data["archives"][name] = summary
         data["notes"] = sorted(set(data.get("notes", [])) | set(args.note))
         cmd = f"python -m pdacscreen.engine.assess {source} --model {root} --name {name} --update-card"

@@ -39,8 +39,15 @@ class AugmentConfig:
 
 
 NO_AUGMENT = AugmentConfig(
-    rot_z_deg=0.0, rot_xy_deg=0.0, scale=(1.0, 1.0), flip_lr=0.0, intensity_scale=(1.0, 1.0),
-    intensity_shift_hu=0.0, noise_hu=(0.0, 0.0), blur_sigma_vox=(0.0, 0.0), p_blur=0.0,
+    rot_z_deg=0.0,
+    rot_xy_deg=0.0,
+    scale=(1.0, 1.0),
+    flip_lr=0.0,
+    intensity_scale=(1.0, 1.0),
+    intensity_shift_hu=0.0,
+    noise_hu=(0.0, 0.0),
+    blur_sigma_vox=(0.0, 0.0),
+    p_blur=0.0,
 )
 
 
@@ -86,8 +93,13 @@ def sample_patch(
         lab_p = _window(label, start, patch, 0)
     else:
         hu_p = ndimage.affine_transform(
-            hu.astype(np.float32, copy=False), m, offset=offset, output_shape=patch, order=1,
-            mode="constant", cval=fill_hu,
+            hu.astype(np.float32, copy=False),
+            m,
+            offset=offset,
+            output_shape=patch,
+            order=1,
+            mode="constant",
+            cval=fill_hu,
         )
         lab_p = ndimage.affine_transform(
             label, m, offset=offset, output_shape=patch, order=0, mode="constant", cval=0

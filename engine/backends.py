@@ -93,7 +93,9 @@ def resolve_backend(name: str) -> str:
     if name == "torch":
         return "torch-cuda" if cuda_available() else "torch-cpu"
     if name == "torch-cuda" and not cuda_available():
-        raise BackendUnavailableError("backend 'torch-cuda' needs a CUDA GPU visible to torch; none found")
+        raise BackendUnavailableError(
+            "backend 'torch-cuda' needs a CUDA GPU visible to torch; none found"
+        )
     if name == "tensorrt" and not tensorrt_available():
         raise BackendUnavailableError(
             "backend 'tensorrt' needs the tensorrt and cupy packages and a CUDA GPU "
@@ -147,7 +149,9 @@ class OnnxRuntimeBackend(Backend):
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+        providers = (
+            ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+        )
         self.session = ort.InferenceSession(str(stage.onnx), sess_options=opts, providers=providers)
         self.name = "onnxruntime-cuda" if cuda else "onnxruntime-cpu"
 
@@ -155,7 +159,9 @@ class OnnxRuntimeBackend(Backend):
         self._check(batch)
         if hasattr(batch, "__cuda_array_interface__"):
             batch = batch.get()
-        outs = self.session.run(list(self.stage.outputs), {INPUT_NAME: np.ascontiguousarray(batch, np.float32)})
+        outs = self.session.run(
+            list(self.stage.outputs), {INPUT_NAME: np.ascontiguousarray(batch, np.float32)}
+        )
         return dict(zip(self.stage.outputs, outs, strict=True))
 
 
@@ -186,7 +192,9 @@ class TorchBackend(Backend):
             x = torch.as_tensor(batch, dtype=torch.float32, device=self.device)
             out = self.net(x)
             out = out if isinstance(out, tuple) else (out,)
-            return {k: v.float().cpu().numpy() for k, v in zip(self.stage.outputs, out, strict=True)}
+            return {
+                k: v.float().cpu().numpy() for k, v in zip(self.stage.outputs, out, strict=True)
+            }
 
 
 def _slug(text: str) -> str:
@@ -271,7 +279,9 @@ class TensorRTBackend(Backend):
         config.add_optimization_profile(profile)
         plan = builder.build_serialized_network(network, config)
         if plan is None:
-            raise BackendUnavailableError(f"TensorRT failed to build an engine for {self.stage.onnx}")
+            raise BackendUnavailableError(
+                f"TensorRT failed to build an engine for {self.stage.onnx}"
+            )
         return bytes(plan)
 
     def predict(self, batch):
@@ -321,4 +331,6 @@ def open_backend(
     if resolved in ("torch-cpu", "torch-cuda"):
         return TorchBackend(stage, device="cuda" if resolved == "torch-cuda" else "cpu")
     cache = cache_dir or Path(os.environ.get("PDACSCREEN_WORK", "work")) / "trt-cache"
-    return TensorRTBackend(stage, onnx_sha256=sha256_file(stage.onnx), cache_dir=cache, max_batch=max_batch)
+    return TensorRTBackend(
+        stage, onnx_sha256=sha256_file(stage.onnx), cache_dir=cache, max_batch=max_batch
+    )

@@ -32,7 +32,14 @@ import numpy as np
 from pdacscreen.engine.errors import TrainingError
 from pdacscreen.io.ctvolume import CTVolume, voxel_to_world
 
-__all__ = ["StudyRecord", "CachedStudy", "archive_records", "load_study", "build_cache", "load_cached"]
+__all__ = [
+    "StudyRecord",
+    "CachedStudy",
+    "archive_records",
+    "load_study",
+    "build_cache",
+    "load_cached",
+]
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +112,14 @@ def archive_records(archive: Path) -> list[StudyRecord]:
     archive = Path(archive)
     truth_path = archive / "truth.parquet"
     if not truth_path.is_file():
-        raise TrainingError(f"{archive}: truth.parquet not found; is this a `pdacscreen phantom` archive?")
+        raise TrainingError(
+            f"{archive}: truth.parquet not found; is this a `pdacscreen phantom` archive?"
+        )
     truth = pd.read_parquet(truth_path)
     if "noncontrast_series_uid" not in truth.columns:
-        raise TrainingError(f"{truth_path}: column noncontrast_series_uid missing; has {list(truth.columns)}")
+        raise TrainingError(
+            f"{truth_path}: column noncontrast_series_uid missing; has {list(truth.columns)}"
+        )
     everything: dict[str, list[str]] | None = None
     records = []
     for row in truth.to_dict("records"):
@@ -121,7 +132,10 @@ def archive_records(archive: Path) -> list[StudyRecord]:
             everything = everything if everything is not None else _series_files(archive)
             files = everything
         if uid not in files or not label.is_file():
-            log.warning("study %s: series files or label map missing, skipped", row.get("study_instance_uid"))
+            log.warning(
+                "study %s: series files or label map missing, skipped",
+                row.get("study_instance_uid"),
+            )
             continue
         lesion_type = str(_col(row, "lesion_type", default="none") or "none")
         records.append(
@@ -155,12 +169,21 @@ def load_study(record: StudyRecord) -> tuple[CTVolume, np.ndarray]:
     return volume, np.asarray(label, dtype=np.uint8)
 
 
-def _crop_box(label: np.ndarray, affine: np.ndarray, margin_mm: float) -> tuple[np.ndarray, np.ndarray]:
+def _crop_box(
+    label: np.ndarray, affine: np.ndarray, margin_mm: float
+) -> tuple[np.ndarray, np.ndarray]:
     idx = np.argwhere(label > 0)
     if len(idx) == 0:
         raise TrainingError("label map has no pancreas voxels")
     lo, hi = idx.min(axis=0) - 0.5, idx.max(axis=0) + 0.5
-    corners = np.array([[(lo, hi)[a][0], (lo, hi)[b][1], (lo, hi)[c][2]] for a in (0, 1) for b in (0, 1) for c in (0, 1)])
+    corners = np.array(
+        [
+            [(lo, hi)[a][0], (lo, hi)[b][1], (lo, hi)[c][2]]
+            for a in (0, 1)
+            for b in (0, 1)
+            for c in (0, 1)
+        ]
+    )
     world = voxel_to_world(affine, corners)
     return world.min(axis=0) - margin_mm, world.max(axis=0) + margin_mm
 
@@ -169,20 +192,30 @@ def preprocess_study(
     volume: CTVolume, label: np.ndarray, *, coarse_mm: tuple, fine_mm: tuple
 ) -> dict[str, np.ndarray]:
     """The cached arrays of one study (see module docstring)."""
-    from pdacscreen.kernels._backend import to_host
-    from pdacscreen.kernels.resample import crop_resample, resample
+    from pdacscreen.kernels import crop_resample, resample, to_host
 
     coarse, _ = resample(volume.array, volume.affine, coarse_mm, order=1, backend="numpy")
     organ = (label > 0).astype(np.float32)
     coarse_organ, _ = resample(organ, volume.affine, coarse_mm, order=1, fill=0.0, backend="numpy")
     box_min, box_max = _crop_box(label, volume.affine, FINE_MARGIN_MM)
     fine, _ = crop_resample(
-        volume.array, volume.affine, box_min=box_min, box_max=box_max, target_spacing=fine_mm,
-        order=1, backend="numpy",
+        volume.array,
+        volume.affine,
+        box_min=box_min,
+        box_max=box_max,
+        target_spacing=fine_mm,
+        order=1,
+        backend="numpy",
     )
     fine_label, _ = crop_resample(
-        label, volume.affine, box_min=box_min, box_max=box_max, target_spacing=fine_mm, order=0,
-        fill=0, backend="numpy",
+        label,
+        volume.affine,
+        box_min=box_min,
+        box_max=box_max,
+        target_spacing=fine_mm,
+        order=0,
+        fill=0,
+        backend="numpy",
     )
     return {
         "coarse_hu": np.asarray(to_host(coarse)).astype(np.float16),

@@ -27,10 +27,19 @@ __all__ = ["write_evidence", "masks_in_series_grid"]
 WINDOW = (40.0, 400.0)  # level, width (HU)
 
 
-def _series_box(volume: CTVolume, crop_shape: tuple[int, ...], crop_affine: np.ndarray) -> tuple[slice, ...]:
+def _series_box(
+    volume: CTVolume, crop_shape: tuple[int, ...], crop_affine: np.ndarray
+) -> tuple[slice, ...]:
     """Index box of the series covering the crop (its 8 corners mapped into series indices)."""
     n = np.array(crop_shape, float)
-    corners = np.array([[a, b, c] for a in (-0.5, n[0] - 0.5) for b in (-0.5, n[1] - 0.5) for c in (-0.5, n[2] - 0.5)])
+    corners = np.array(
+        [
+            [a, b, c]
+            for a in (-0.5, n[0] - 0.5)
+            for b in (-0.5, n[1] - 0.5)
+            for c in (-0.5, n[2] - 0.5)
+        ]
+    )
     world = corners @ crop_affine[:3, :3].T + crop_affine[:3, 3]
     idx = world_to_voxel(volume.affine, world)
     lo = np.clip(np.floor(idx.min(axis=0)).astype(int), 0, np.array(volume.shape))
@@ -38,7 +47,9 @@ def _series_box(volume: CTVolume, crop_shape: tuple[int, ...], crop_affine: np.n
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
 
 
-def _to_series(src: np.ndarray, crop_affine: np.ndarray, volume: CTVolume, box, *, order: int) -> np.ndarray:
+def _to_series(
+    src: np.ndarray, crop_affine: np.ndarray, volume: CTVolume, box, *, order: int
+) -> np.ndarray:
     """Resample ``src`` (crop grid) onto the series sub-box ``box`` (indices -> indices)."""
     m = np.linalg.inv(crop_affine) @ volume.affine  # series index -> crop index
     start = np.array([s.start for s in box], float)
@@ -67,7 +78,9 @@ def masks_in_series_grid(result: StudyResult, volume: CTVolume) -> tuple[np.ndar
 def _write_nifti(mask: np.ndarray, volume: CTVolume, path: Path) -> None:
     import nibabel as nib
 
-    img = nib.Nifti1Image(np.ascontiguousarray(mask.transpose(2, 1, 0)), nifti_affine(volume.affine))
+    img = nib.Nifti1Image(
+        np.ascontiguousarray(mask.transpose(2, 1, 0)), nifti_affine(volume.affine)
+    )
     img.header.set_xyzt_units("mm")
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
@@ -127,7 +140,9 @@ def write_evidence(
     rgb = np.repeat((gray * 255.0)[..., None], 3, axis=2)
     if masks is not None:
         box = (slice(k, k + 1), slice(0, volume.shape[1]), slice(0, volume.shape[2]))
-        prob = _to_series(masks.lesion_prob.astype(np.float32), masks.affine, volume, box, order=1)[0]
+        prob = _to_series(masks.lesion_prob.astype(np.float32), masks.affine, volume, box, order=1)[
+            0
+        ]
         alpha = np.clip(prob, 0.0, 1.0)[..., None] * 0.6
         rgb = rgb * (1 - alpha) + np.array([255.0, 0.0, 0.0]) * alpha
         organ = pancreas[k].astype(bool)
@@ -141,9 +156,13 @@ def write_evidence(
     lines = text.count("\n") + 1
     canvas = Image.new("RGB", (max(image.width, 640), image.height + 14 * lines + 10), (0, 0, 0))
     canvas.paste(image, (0, 0))
-    ImageDraw.Draw(canvas).multiline_text((6, image.height + 5), text, fill=(255, 255, 255), spacing=2)
+    ImageDraw.Draw(canvas).multiline_text(
+        (6, image.height + 5), text, fill=(255, 255, 255), spacing=2
+    )
     try:
         canvas.save(out_dir / "key.png", format="PNG", optimize=False)
     except OSError as e:
-        raise EngineError(f"could not write key image in {out_dir}: {e}", code="evidence_write_failed") from e
+        raise EngineError(
+            f"could not write key image in {out_dir}: {e}", code="evidence_write_failed"
+        ) from e
     return out_dir

@@ -51,7 +51,9 @@ def export_onnx(net: UNet3d, path: Path, *, patch: tuple[int, int, int]) -> Path
                 dynamo=False,
             )
         except Exception as e:  # noqa: BLE001 - exporter failures come in many types
-            raise EngineError(f"ONNX export to {path} failed: {e}", code="onnx_export_failed") from e
+            raise EngineError(
+                f"ONNX export to {path} failed: {e}", code="onnx_export_failed"
+            ) from e
     log.info("exported %s (%d bytes)", path, path.stat().st_size)
     return path
 

@@ -47,8 +47,13 @@ def check(*, model: Path | None, repeats: int, study_matrix: int, cache_dir: Pat
     stage = package.stage2
     rng = np.random.default_rng(0)
     batches = {b: rng.normal(size=(b, 1, *stage.patch)).astype(np.float32) for b in (1, 4, 8)}
-    report: dict = {"model": package.name, "version": package.version, "sha256": package.sha256,
-                    "patch": list(stage.patch), "backends": {}}
+    report: dict = {
+        "model": package.name,
+        "version": package.version,
+        "sha256": package.sha256,
+        "patch": list(stage.patch),
+        "backends": {},
+    }
     reference = open_backend(stage, backend="onnxruntime").predict(batches[4])
     s = make_subject(77, matrix=study_matrix, lesion_type="pdac")
     volume = CTVolume(s.noncontrast, s.spacing, s.affine, series_instance_uid="gpucheck")
@@ -64,8 +69,12 @@ def check(*, model: Path | None, repeats: int, study_matrix: int, cache_dir: Pat
                 entry[f"batch{b}_ms"] = round(1000 * sec, 2)
                 entry[f"batch{b}_windows_per_s"] = round(b / sec, 1)
             out = be.predict(batches[4])
-            entry["max_abs_diff_seg"] = float(np.abs(np.asarray(out["seg"]) - reference["seg"]).max())
-            entry["max_abs_diff_cls"] = float(np.abs(np.asarray(out["cls"]) - reference["cls"]).max())
+            entry["max_abs_diff_seg"] = float(
+                np.abs(np.asarray(out["seg"]) - reference["seg"]).max()
+            )
+            entry["max_abs_diff_cls"] = float(
+                np.abs(np.asarray(out["cls"]) - reference["cls"]).max()
+            )
             det = Detector(package, backend=name, batch_size=8)
             det.detect(volume)
             t0 = time.perf_counter()
@@ -81,15 +90,25 @@ def check(*, model: Path | None, repeats: int, study_matrix: int, cache_dir: Pat
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pdacscreen.engine.gpucheck", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", type=Path, default=None, help="model package (default: the reference)")
+    ap = argparse.ArgumentParser(
+        prog="python -m pdacscreen.engine.gpucheck", description=__doc__.split("\n")[0]
+    )
+    ap.add_argument(
+        "--model", type=Path, default=None, help="model package (default: the reference)"
+    )
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--matrix", type=int, default=256, help="phantom matrix of the per-study timing")
+    ap.add_argument(
+        "--matrix", type=int, default=256, help="phantom matrix of the per-study timing"
+    )
     ap.add_argument("--cache-dir", type=Path, default=None, help="TensorRT plan cache")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    report = check(model=args.model, repeats=args.repeats, study_matrix=args.matrix, cache_dir=args.cache_dir)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    report = check(
+        model=args.model, repeats=args.repeats, study_matrix=args.matrix, cache_dir=args.cache_dir
+    )
     text = json.dumps(report, indent=2, default=float)
     print(text)  # noqa: T201 - CLI output
     if args.out:

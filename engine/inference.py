@@ -128,7 +128,7 @@ class _Job:
 
 
 def _host(a):
-    from pdacscreen.kernels._backend import to_host
+    from pdacscreen.kernels import to_host
 
     return to_host(a)
 
@@ -159,7 +159,9 @@ class Detector:
         self.batch_size = int(batch_size)
         self.kernel_backend = kernel_backend
         self.backends: dict[str, Backend] = {
-            name: open_backend(package.stages[name], backend=backend, threads=threads, max_batch=batch_size)
+            name: open_backend(
+                package.stages[name], backend=backend, threads=threads, max_batch=batch_size
+            )
             for name in ("stage1", "stage2")
         }
         self.backend_name = self.backends["stage2"].name
@@ -167,7 +169,11 @@ class Detector:
             "model_sha256": package.sha256,
             "preprocessing": package.manifest["preprocessing"],
             "stages": {
-                n: {k: v for k, v in package.manifest["stages"][n].items() if k not in ("onnx", "weights")}
+                n: {
+                    k: v
+                    for k, v in package.manifest["stages"][n].items()
+                    if k not in ("onnx", "weights")
+                }
                 for n in ("stage1", "stage2")
             },
             "postprocessing": package.manifest["postprocessing"],
@@ -228,22 +234,32 @@ class Detector:
             ) from e
 
     def _to_input(self, hu) -> np.ndarray:
-        from pdacscreen.kernels.intensity import to_model_input
+        from pdacscreen.kernels import to_model_input
 
         pre = self.package.preprocessing
         x = to_model_input(
-            hu, window=pre.window_hu, mean=pre.mean, std=pre.std, dtype="float32", backend=self.kernel_backend
+            hu,
+            window=pre.window_hu,
+            mean=pre.mean,
+            std=pre.std,
+            dtype="float32",
+            backend=self.kernel_backend,
         )
         return np.asarray(_host(x), dtype=np.float32)
 
     def _prepare_stage1(self, job: _Job) -> None:
-        from pdacscreen.kernels.resample import resample
+        from pdacscreen.kernels import resample
 
         t0 = time.perf_counter()
         st = self.package.stage1
         vol = job.volume
         coarse, caff = resample(
-            vol.array, vol.affine, st.spacing_mm, order=1, antialias=True, fill=-1024.0,
+            vol.array,
+            vol.affine,
+            st.spacing_mm,
+            order=1,
+            antialias=True,
+            fill=-1024.0,
             backend=self.kernel_backend,
         )
         job.coarse_affine = np.asarray(caff)
@@ -252,15 +268,19 @@ class Detector:
         job.timings["stage1_preprocess"] = time.perf_counter() - t0
 
     def _prepare_stage2(self, job: _Job) -> None:
-        from pdacscreen.kernels.resample import crop_resample
+        from pdacscreen.kernels import crop_resample
 
         t0 = time.perf_counter()
         st2 = self.package.stage2
         post = self.package.postprocessing
         prob = softmax(job.diagnostics.pop("stage1_logits"))[1]
         loc = localise(
-            prob, job.coarse_affine, threshold=post.pancreas_threshold, min_ml=post.min_pancreas_ml,
-            margin_mm=st2.margin_mm, max_box_mm=st2.max_box_mm,
+            prob,
+            job.coarse_affine,
+            threshold=post.pancreas_threshold,
+            min_ml=post.min_pancreas_ml,
+            margin_mm=st2.margin_mm,
+            max_box_mm=st2.max_box_mm,
         )
         job.localisation = loc
         if not loc.found:
@@ -272,8 +292,14 @@ class Detector:
         if loc.confidence < post.localisation_confidence_min:
             job.qc.append("low_localisation_confidence")
         crop, caff = crop_resample(
-            job.volume.array, job.volume.affine, box_min=loc.box_min, box_max=loc.box_max,
-            target_spacing=st2.spacing_mm, order=1, fill=-1024.0, backend=self.kernel_backend,
+            job.volume.array,
+            job.volume.affine,
+            box_min=loc.box_min,
+            box_max=loc.box_max,
+            target_spacing=st2.spacing_mm,
+            order=1,
+            fill=-1024.0,
+            backend=self.kernel_backend,
         )
         job.crop_hu = np.asarray(_host(crop), dtype=np.float32)
         job.crop_affine = np.asarray(caff)
@@ -324,14 +350,20 @@ class Detector:
             job.timings[name] = seconds[j] + time.perf_counter() - t0
 
     def _finish(self, job: _Job) -> StudyResult:
-        from pdacscreen.kernels.measure import blood_pool_hu, noise_hu
+        from pdacscreen.kernels import blood_pool_hu, noise_hu
 
         t0 = time.perf_counter()
         post = self.package.postprocessing
         th = self.package.thresholds.operating
         qc = list(job.qc)
+        vol = job.volume
+        # The aorta is ~25 mm wide: in-plane voxels of ~1.5 mm are plenty (a strided view, no copy).
+        step = max(1, int(1.5 // min(vol.spacing[1], vol.spacing[2])))
+        sub_aff = vol.affine.copy()
+        sub_aff[:3, 1:3] *= step
         try:
-            if float(blood_pool_hu(job.volume.array, job.volume.affine, backend=self.kernel_backend)) > post.contrast_blood_pool_hu:
+            bp = blood_pool_hu(vol.array[:, ::step, ::step], sub_aff, backend=self.kernel_backend)
+            if float(bp) > post.contrast_blood_pool_hu:
                 qc.append("contrast_phase")
         except PdacscreenError as e:
             log.debug("blood pool measurement failed: %s", e)
@@ -344,8 +376,21 @@ class Detector:
         if job.crop_input is None or "stage2_logits" not in job.diagnostics:
             job.timings["postprocess"] = time.perf_counter() - t0
             return StudyResult(
-                nan, False, th, 0, nan, 0.0, nan, nan, nan, "", 0.0, nan, tuple(qc),
-                timings=dict(job.timings), diagnostics=self._diag(job),
+                nan,
+                False,
+                th,
+                0,
+                nan,
+                0.0,
+                nan,
+                nan,
+                nan,
+                "",
+                0.0,
+                nan,
+                tuple(qc),
+                timings=dict(job.timings),
+                diagnostics=self._diag(job),
             )
         probs = softmax(job.diagnostics.pop("stage2_logits"))
         caff = job.crop_affine
@@ -357,7 +402,11 @@ class Detector:
         parenchyma = organ & ~lesion_mask
         vox_ml = abs(float(np.linalg.det(caff[:3, :3]))) / 1000.0
         hu = job.crop_hu
-        p = 1.0 / (1.0 + math.exp(-job.diagnostics.pop("cls_logit")))
+        p_cls = 1.0 / (1.0 + math.exp(-job.diagnostics.pop("cls_logit")))
+        p_peak = float(lesion_prob.max()) if lesion_prob.size else 0.0
+        job.diagnostics["cls_probability"] = p_cls
+        job.diagnostics["lesion_peak"] = p_peak
+        p = p_peak if post.score == "lesion_peak" else p_cls
         if lesions:
             big = lesions[0]
             focus = big.center_mm

@@ -29,19 +29,37 @@ def _ci(m: dict, key: str) -> str:
 def quality_table(assessments: dict) -> str:
     """Markdown table, one column per assessed archive."""
     rows = [
-        ("studies (PDAC / cyst / none)", lambda m: f"{m['studies']} ({m['pdac']} / {m['cyst']} / {m['none']})"),
+        (
+            "studies (PDAC / cyst / none)",
+            lambda m: f"{m['studies']} ({m['pdac']} / {m['cyst']} / {m['none']})",
+        ),
         ("matrix, seed", lambda m: f"{m.get('matrix', 'n/a')}, {m.get('seed', 'n/a')}"),
         ("AUROC (95% CI)", lambda m: _ci(m, "auroc")),
         ("sensitivity at the operating threshold", lambda m: _fmt(m["sensitivity_operating"])),
         ("specificity at the operating threshold", lambda m: _fmt(m["specificity_operating"])),
-        ("sensitivity at specificity >= 0.95 (threshold on this archive)", lambda m: _fmt(m["sensitivity_at_spec95"])),
-        ("sensitivity, lesions < 2 cm (operating threshold)", lambda m: _fmt(m["sensitivity_small"])),
-        ("sensitivity, lesions >= 2 cm (operating threshold)", lambda m: _fmt(m["sensitivity_large"])),
-        ("detected PDACs localised (IoU >= 0.1 or centre inside)", lambda m: _fmt(m["localised_fraction"])),
+        (
+            "sensitivity at specificity >= 0.95 (threshold on this archive)",
+            lambda m: _fmt(m["sensitivity_at_spec95"]),
+        ),
+        (
+            "sensitivity, lesions < 2 cm (operating threshold)",
+            lambda m: _fmt(m["sensitivity_small"]),
+        ),
+        (
+            "sensitivity, lesions >= 2 cm (operating threshold)",
+            lambda m: _fmt(m["sensitivity_large"]),
+        ),
+        (
+            "detected PDACs localised (IoU >= 0.1 or centre inside)",
+            lambda m: _fmt(m["localised_fraction"]),
+        ),
         ("false-positive rate, cysts", lambda m: _fmt(m["fp_rate_cyst"])),
         ("false-positive rate, fatty pancreas (no PDAC)", lambda m: _fmt(m["fp_rate_fatty"])),
         ("false-positive rate, other non-PDAC", lambda m: _fmt(m["fp_rate_other"])),
-        ("QC flags raised", lambda m: ", ".join(f"{k} {v}" for k, v in m.get("qc_counts", {}).items()) or "none"),
+        (
+            "QC flags raised",
+            lambda m: ", ".join(f"{k} {v}" for k, v in m.get("qc_counts", {}).items()) or "none",
+        ),
         ("seconds per study (CPU)", lambda m: _fmt(m.get("seconds_per_study"), 2)),
     ]
     names = list(assessments)
@@ -79,8 +97,10 @@ def write_model_card(root: Path) -> Path:
         f"  {s1['spacing_mm']} mm (z, y, x), patch {s1['patch']}: pancreas probability -> pancreas box.",
         f"- Stage 2 (detector): 3-D U-Net (base {s2['network']['base']}) with a classification head on the",
         f"  pancreas box + {s2['margin_mm']} mm margin at {s2['spacing_mm']} mm, patch {s2['patch']},",
-        "  sliding window with Gaussian blending: pancreas / PDAC segmentation and the study-level",
-        "  PDAC probability (maximum of the head over windows).",
+        "  sliding window with Gaussian blending: pancreas / PDAC segmentation and a classification",
+        "  head (maximum over windows).",
+        f"- Study-level PDAC probability: `{m['postprocessing'].get('score', 'cls')}` (`cls`: the head;"
+        " `lesion_peak`: the peak lesion probability), chosen on the validation split.",
         f"- Input: non-contrast CT in HU, clipped to {m['preprocessing']['window_hu']} HU, then",
         f"  (x - {m['preprocessing']['mean']}) / {m['preprocessing']['std']}.",
         "",
@@ -117,7 +137,9 @@ def write_model_card(root: Path) -> Path:
         if cmds:
             lines += ["", "Re-run:", "", "```bash", *cmds, "```"]
     else:
-        lines.append("Not assessed yet: run `python -m pdacscreen.engine.assess --archive DIR --model PKG`.")
+        lines.append(
+            "Not assessed yet: run `python -m pdacscreen.engine.assess --archive DIR --model PKG`."
+        )
     lines += [
         "",
         "## Backends",

@@ -61,7 +61,9 @@ class NetworkSpec:
         allowed = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - allowed)
         if unknown:
-            raise EngineInputError(f"network has unknown fields {unknown}; allowed {sorted(allowed)}")
+            raise EngineInputError(
+                f"network has unknown fields {unknown}; allowed {sorted(allowed)}"
+            )
         return cls(**data)
 
 
@@ -95,7 +97,10 @@ class UNet3d(nn.Module):
         for level in range(spec.depth - 1, 0, -1):
             self.ups.append(nn.ConvTranspose3d(chans[level], chans[level - 1], 2, stride=2))
             self.decoders.append(
-                nn.Sequential(_block(2 * chans[level - 1], chans[level - 1]), _block(chans[level - 1], chans[level - 1]))
+                nn.Sequential(
+                    _block(2 * chans[level - 1], chans[level - 1]),
+                    _block(chans[level - 1], chans[level - 1]),
+                )
             )
         self.seg_head = nn.Conv3d(chans[0], spec.out_channels, kernel_size=1)
         if spec.cls_head:

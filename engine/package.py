@@ -16,7 +16,8 @@ Format ``pdacscreen-model/1`` (documented for users in the package README and th
       stages.stage2     detector: the same plus margin_mm [z, y, x] and max_box_mm [z, y, x]
       thresholds        {operating, specificity_95, specificity_99, method}
       postprocessing    {pancreas_threshold, lesion_threshold, min_pancreas_ml, min_lesion_ml,
-                         localisation_confidence_min, contrast_blood_pool_hu, noise_hu_max}
+                         localisation_confidence_min, contrast_blood_pool_hu, noise_hu_max,
+                         score (optional: "cls" | "lesion_peak")}
 
 Loading checks that every listed file exists and matches its sha256 and that every required field
 is present with the right type; each problem is a :class:`ModelPackageError` naming the field or
@@ -51,6 +52,7 @@ __all__ = [
 FORMAT = "pdacscreen-model/1"
 REFERENCE_PACKAGE = Path(__file__).resolve().parent / "models" / "reference"
 STAGES = ("stage1", "stage2")
+SCORES = ("cls", "lesion_peak")
 
 
 def sha256_file(path: Path) -> str:
@@ -110,7 +112,12 @@ class StageSpec:
 
 @dataclass(frozen=True)
 class Postprocessing:
-    """Thresholds for masks, candidates and QC flags."""
+    """Thresholds for masks, candidates and QC flags.
+
+    ``score`` (optional in model.json, default ``"cls"``) is the study-level PDAC probability:
+    ``"cls"`` the classification head (max over windows), ``"lesion_peak"`` the peak lesion
+    probability of the segmentation (PANORAMA's "case score = max candidate").
+    """
 
     pancreas_threshold: float
     lesion_threshold: float
@@ -119,6 +126,7 @@ class Postprocessing:
     localisation_confidence_min: float
     contrast_blood_pool_hu: float
     noise_hu_max: float
+    score: str = "cls"
 
 
 @dataclass(frozen=True)
@@ -177,7 +185,9 @@ def _stage(root: Path, name: str, data: Mapping, files: Mapping[str, str]) -> St
         raise ModelPackageError(f"model.json: {where}onnx names {onnx!r}, which is not in files")
     weights = data.get("weights")
     if weights is not None and weights not in files:
-        raise ModelPackageError(f"model.json: {where}weights names {weights!r}, which is not in files")
+        raise ModelPackageError(
+            f"model.json: {where}weights names {weights!r}, which is not in files"
+        )
     try:
         network = NetworkSpec.from_dict(dict(_get(data, "network", dict, where)))
     except (TypeError, ValueError) as e:
@@ -246,7 +256,9 @@ def load_package(path: Path | str | None = None) -> ModelPackage:
     for fname, digest in files.items():
         fpath = root / fname
         if not fpath.is_file():
-            raise ModelPackageError(f"model package {root}: file {fname} listed in model.json is missing")
+            raise ModelPackageError(
+                f"model package {root}: file {fname} listed in model.json is missing"
+            )
         actual = sha256_file(fpath)
         if actual != digest:
             raise ModelPackageError(
@@ -255,7 +267,9 @@ def load_package(path: Path | str | None = None) -> ModelPackage:
     pre = _get(data, "preprocessing", dict, "")
     window = _get(pre, "window_hu", list, "preprocessing.")
     if len(window) != 2 or not window[0] < window[1]:
-        raise ModelPackageError(f"model.json: preprocessing.window_hu must be [lo, hi], got {window}")
+        raise ModelPackageError(
+            f"model.json: preprocessing.window_hu must be [lo, hi], got {window}"
+        )
     std = _get(pre, "std", float, "preprocessing.")
     if std <= 0:
         raise ModelPackageError(f"model.json: preprocessing.std must be > 0, got {std}")
@@ -272,8 +286,18 @@ def load_package(path: Path | str | None = None) -> ModelPackage:
         method=_get(th, "method", str, "thresholds."),
     )
     post = _get(data, "postprocessing", dict, "")
+    score = post.get("score", "cls")
+    if score not in SCORES:
+        raise ModelPackageError(
+            f"model.json: postprocessing.score must be one of {SCORES}, got {score!r}"
+        )
     postprocessing = Postprocessing(
-        **{f: _get(post, f, float, "postprocessing.") for f in Postprocessing.__dataclass_fields__}
+        **{
+            f: _get(post, f, float, "postprocessing.")
+            for f in Postprocessing.__dataclass_fields__
+            if f != "score"
+        },
+        score=score,
     )
     return ModelPackage(
         root=root,

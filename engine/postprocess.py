@@ -44,8 +44,7 @@ def softmax(logits: np.ndarray, axis: int = 0) -> np.ndarray:
 
 def _components(mask: np.ndarray, affine: np.ndarray, min_voxels: int):
     """(components largest first, int32 label image on the host; 0 = none/dropped)."""
-    from pdacscreen.kernels._backend import to_host
-    from pdacscreen.kernels.components import connected_components
+    from pdacscreen.kernels import connected_components, to_host
 
     comps, labels = connected_components(
         mask, affine, connectivity=26, min_voxels=max(1, int(min_voxels)), return_labels=True
@@ -74,10 +73,14 @@ class Localisation:
     components: int
 
 
-def _bbox_world(affine: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _bbox_world(
+    affine: np.ndarray, lo: np.ndarray, hi: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """World (x, y, z) min/max over the 8 corners of voxel box [lo - 0.5, hi + 0.5] (k, j, i)."""
     a, b = lo - 0.5, hi + 0.5
-    corners = np.array([[(a, b)[s][0], (a, b)[u][1], (a, b)[v][2]] for s in (0, 1) for u in (0, 1) for v in (0, 1)])
+    corners = np.array(
+        [[(a, b)[s][0], (a, b)[u][1], (a, b)[v][2]] for s in (0, 1) for u in (0, 1) for v in (0, 1)]
+    )
     world = voxel_to_world(affine, corners)
     return world.min(axis=0), world.max(axis=0)
 
@@ -162,11 +165,15 @@ class OrganAxis:
 
     def location(self, point_mm) -> str:
         """``"head"``, ``"body"`` or ``"tail"``: thirds of the organ's length along the axis."""
-        f = (float((np.asarray(point_mm, float) - self.mean) @ self.axis) - self.lo) / max(self.hi - self.lo, 1e-6)
+        f = (float((np.asarray(point_mm, float) - self.mean) @ self.axis) - self.lo) / max(
+            self.hi - self.lo, 1e-6
+        )
         return "head" if f < 1.0 / 3.0 else "body" if f < 2.0 / 3.0 else "tail"
 
 
-def organ_axis(organ: np.ndarray, affine: np.ndarray, *, max_points: int = 20000) -> OrganAxis | None:
+def organ_axis(
+    organ: np.ndarray, affine: np.ndarray, *, max_points: int = 20000
+) -> OrganAxis | None:
     """First principal axis of the organ's voxels (world mm), oriented so the head is at the
     patient's right (smaller LPS x) and the tail at the left; None for fewer than 3 voxels."""
     idx = np.argwhere(organ)

@@ -63,14 +63,18 @@ def _axis_starts(size: int, patch: int, step: float) -> list[int]:
     return [int(round(v)) for v in np.linspace(0, size - patch, n)]
 
 
-def plan_tiles(image_shape: tuple[int, ...], *, patch: tuple[int, ...], overlap: float = 0.5) -> TilePlan:
+def plan_tiles(
+    image_shape: tuple[int, ...], *, patch: tuple[int, ...], overlap: float = 0.5
+) -> TilePlan:
     """Plan windows of ``patch`` over ``image_shape`` (both ``(z, y, x)``) with ``overlap``.
 
     Windows are evenly spaced and the last one ends at the image border, as nnU-Net places them;
     an axis shorter than the patch is padded up to it.
     """
     if len(image_shape) != 3 or len(patch) != 3:
-        raise EngineInputError(f"image_shape and patch must be (z, y, x), got {image_shape}, {patch}")
+        raise EngineInputError(
+            f"image_shape and patch must be (z, y, x), got {image_shape}, {patch}"
+        )
     if min(patch) < 1 or min(image_shape) < 1:
         raise EngineInputError(f"sizes must be >= 1, got image_shape={image_shape}, patch={patch}")
     if not 0.0 <= overlap < 1.0:

@@ -40,22 +40,32 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--archive", type=Path, required=True, help="phantom archive (pdacscreen phantom)")
+    parser.add_argument(
+        "--archive", type=Path, required=True, help="phantom archive (pdacscreen phantom)"
+    )
     parser.add_argument("--out", type=Path, required=True, help="model package folder to write")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=float, default=1.0, help="multiplier of the step counts below")
+    parser.add_argument(
+        "--epochs", type=float, default=1.0, help="multiplier of the step counts below"
+    )
     parser.add_argument("--stage1-steps", type=int, default=500)
-    parser.add_argument("--stage2-steps", type=int, default=2000)
+    parser.add_argument("--stage2-steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--base1", type=int, default=8, help="stage-1 base channels")
     parser.add_argument("--base2", type=int, default=8, help="stage-2 base channels")
-    parser.add_argument("--train-patch2", type=int, nargs=3, default=None, help="stage-2 training patch z y x")
+    parser.add_argument(
+        "--train-patch2", type=int, nargs=3, default=None, help="stage-2 training patch z y x"
+    )
     parser.add_argument("--val-fraction", type=float, default=0.25)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a shared CPU)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: fastest on a shared CPU)"
+    )
     parser.add_argument("--name", default="pdacscreen-reference")
     parser.add_argument("--version", default="0.1.0")
     parser.add_argument(
-        "--cache", type=Path, default=None,
+        "--cache",
+        type=Path,
+        default=None,
         help="preprocessed-study cache (default $PDACSCREEN_WORK/engine/cache)",
     )
     parser.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
@@ -81,14 +91,18 @@ def _normalise(hu: np.ndarray, pre: dict) -> np.ndarray:
     return ((np.clip(hu, lo, hi) - pre["mean"]) / pre["std"]).astype(np.float32)
 
 
-def _centre_near(label: np.ndarray, rng: np.random.Generator, *, value: int | None, jitter: np.ndarray) -> np.ndarray:
+def _centre_near(
+    label: np.ndarray, rng: np.random.Generator, *, value: int | None, jitter: np.ndarray
+) -> np.ndarray:
     idx = np.argwhere(label == value) if value is not None else np.argwhere(label > 0)
     if len(idx) == 0:
         return (np.array(label.shape) - 1) / 2.0
     return idx[rng.integers(len(idx))] + rng.uniform(-jitter, jitter)
 
 
-def make_stage1_draw(studies: list[CachedStudy], *, patch, batch: int, pre: dict, aug: AugmentConfig):
+def make_stage1_draw(
+    studies: list[CachedStudy], *, patch, batch: int, pre: dict, aug: AugmentConfig
+):
     """Batches of coarse whole-scan patches: 2/3 centred near the pancreas, 1/3 anywhere."""
 
     def draw(rng: np.random.Generator) -> Batch:
@@ -100,7 +114,9 @@ def make_stage1_draw(studies: list[CachedStudy], *, patch, batch: int, pre: dict
                 centre = _centre_near(s.coarse_label, rng, value=None, jitter=np.array(patch) / 4.0)
             else:
                 centre = rng.uniform(0, shape - 1)
-            hu, lab = sample_patch(s.coarse_hu, s.coarse_label, centre=centre, patch=tuple(patch), rng=rng, cfg=aug)
+            hu, lab = sample_patch(
+                s.coarse_hu, s.coarse_label, centre=centre, patch=tuple(patch), rng=rng, cfg=aug
+            )
             xs.append(_normalise(hu, pre)[None])
             ys.append(lab)
         return Batch(np.stack(xs), np.stack(ys).astype(np.int64))
@@ -108,26 +124,32 @@ def make_stage1_draw(studies: list[CachedStudy], *, patch, batch: int, pre: dict
     return draw
 
 
-def make_stage2_draw(studies: list[CachedStudy], *, patch, batch: int, pre: dict, aug: AugmentConfig):
+def make_stage2_draw(
+    studies: list[CachedStudy], *, patch, batch: int, pre: dict, aug: AugmentConfig
+):
     """Batches of fine pancreas patches; window label = PDAC voxels inside the patch.
 
-    70% of the PDAC studies' patches are centred on the lesion, the rest near random pancreas
+    Half of the PDAC studies' patches are centred on the lesion, the rest near random pancreas
     voxels, so both classes of the head see lesions at the window edge too.
     """
     pos = [s for s in studies if s.pdac]
     neg = [s for s in studies if not s.pdac]
     if not pos or not neg:
-        raise TrainingError(f"training needs PDAC and non-PDAC studies, got {len(pos)} and {len(neg)}")
+        raise TrainingError(
+            f"training needs PDAC and non-PDAC studies, got {len(pos)} and {len(neg)}"
+        )
 
     def draw(rng: np.random.Generator) -> Batch:
         xs, ys, cs = [], [], []
         for _ in range(batch):
-            s = (pos if rng.random() < 0.5 else neg)
+            s = pos if rng.random() < 0.5 else neg
             s = s[rng.integers(len(s))]
             jitter = np.array(patch) / 3.0
-            value = 2 if s.pdac and rng.random() < 0.7 else None
+            value = 2 if s.pdac and rng.random() < 0.5 else None
             centre = _centre_near(s.fine_label, rng, value=value, jitter=jitter)
-            hu, lab = sample_patch(s.fine_hu, s.fine_label, centre=centre, patch=tuple(patch), rng=rng, cfg=aug)
+            hu, lab = sample_patch(
+                s.fine_hu, s.fine_label, centre=centre, patch=tuple(patch), rng=rng, cfg=aug
+            )
             xs.append(_normalise(hu, pre)[None])
             ys.append(lab)
             cs.append(1.0 if (lab == 2).sum() >= 4 else 0.0)
@@ -163,18 +185,31 @@ def _validate(package_dir: Path, records: list, *, threads: int) -> dict:
     from pdacscreen.engine.metrics import auroc, sensitivity_at
 
     det = Detector(load_package(package_dir), backend="onnxruntime", threads=threads)
-    scores, labels, small = [], [], []
+    by_score: dict[str, list[float]] = {"cls": [], "lesion_peak": []}
+    labels = []
     for i, rec in enumerate(records):
         volume, _ = load_study(rec)
         res = det.detect(volume)
-        p = res.pdac_probability
-        scores.append(0.0 if np.isnan(p) else p)
+        by_score["cls"].append(float(res.diagnostics.get("cls_probability", 0.0)))
+        by_score["lesion_peak"].append(float(res.diagnostics.get("lesion_peak", 0.0)))
         labels.append(int(rec.pdac))
-        small.append(rec.pdac and rec.lesion_diameter_mm < 20.0)
-        log.info("validation %d/%d p=%.3f truth=%s", i + 1, len(records), scores[-1], rec.lesion_type)
-    s, y = np.array(scores), np.array(labels)
+        log.info(
+            "validation %d/%d cls=%.3f peak=%.3f truth=%s",
+            i + 1,
+            len(records),
+            by_score["cls"][-1],
+            by_score["lesion_peak"][-1],
+            rec.lesion_type,
+        )
+    y = np.array(labels)
+    aucs = {k: auroc(np.array(v), y) for k, v in by_score.items()}
+    # The study score with the better validation AUROC (ties: the classification head).
+    score = "lesion_peak" if aucs["lesion_peak"] > aucs["cls"] else "cls"
+    s = np.array(by_score[score])
     th = _thresholds(s, y)
     return {
+        "score": score,
+        "auroc_by_score": aucs,
         "scores": s,
         "labels": y,
         "thresholds": th,
@@ -224,9 +259,14 @@ def run(args: argparse.Namespace) -> int:
     cache = args.cache or work / "engine" / "cache"
     records = archive_records(args.archive)
     train_recs, val_recs = split_records(records, fraction=args.val_fraction, seed=args.seed)
-    console.print(f"[bold]train[/]: {len(records)} studies, {len(train_recs)} training, {len(val_recs)} validation")
+    console.print(
+        f"[bold]train[/]: {len(records)} studies, {len(train_recs)} training, {len(val_recs)} validation"
+    )
     paths = build_cache(
-        train_recs, cache_dir=cache, coarse_mm=tuple(st1["spacing_mm"]), fine_mm=tuple(st2["spacing_mm"]),
+        train_recs,
+        cache_dir=cache,
+        coarse_mm=tuple(st1["spacing_mm"]),
+        fine_mm=tuple(st2["spacing_mm"]),
         progress=lambda i, n: log.info("cache %d/%d", i, n),
     )
     studies = [load_cached(p, r) for p, r in zip(paths, train_recs, strict=True)]
@@ -237,23 +277,41 @@ def run(args: argparse.Namespace) -> int:
     steps2 = max(1, int(args.stage2_steps * args.epochs))
     net1 = build_network(NetworkSpec(out_channels=2, base=args.base1, depth=3))
     draw1 = make_stage1_draw(studies, patch=st1["patch"], batch=args.batch, pre=pre, aug=aug)
-    hist1 = train_stage(net1, draw1, settings=StageTraining(steps=steps1, lr=3e-3, class_weights=(1.0, 3.0)), seed=args.seed, name="stage1")
-    console.print(f"stage 1 done ({steps1} steps) in {time.perf_counter() - t_start:.0f}s, loss {hist1[-1]['loss']:.3f}")
+    hist1 = train_stage(
+        net1,
+        draw1,
+        settings=StageTraining(steps=steps1, lr=3e-3, class_weights=(1.0, 3.0)),
+        seed=args.seed,
+        name="stage1",
+    )
+    console.print(
+        f"stage 1 done ({steps1} steps) in {time.perf_counter() - t_start:.0f}s, loss {hist1[-1]['loss']:.3f}"
+    )
     net2 = build_network(NetworkSpec(out_channels=3, base=args.base2, depth=3, cls_head=True))
     patch2 = tuple(args.train_patch2) if args.train_patch2 else tuple(st2["patch"])
     draw2 = make_stage2_draw(studies, patch=patch2, batch=args.batch, pre=pre, aug=aug)
     hist2 = train_stage(
-        net2, draw2, settings=StageTraining(steps=steps2, lr=2e-3, class_weights=(1.0, 2.0, 8.0)),
-        seed=args.seed + 1, name="stage2",
+        net2,
+        draw2,
+        settings=StageTraining(
+            steps=steps2, lr=2e-3, class_weights=(1.0, 1.0, 2.0), cls_weight=1.0
+        ),
+        seed=args.seed + 1,
+        name="stage2",
     )
-    console.print(f"stage 2 done ({steps2} steps) in {time.perf_counter() - t_start:.0f}s, loss {hist2[-1]['loss']:.3f}")
+    console.print(
+        f"stage 2 done ({steps2} steps) in {time.perf_counter() - t_start:.0f}s, loss {hist2[-1]['loss']:.3f}"
+    )
     command = args.command_line or _train_command()
     manifest["training_data"] = {
         "archive": str(args.archive),
         "studies": len(records),
         "training_studies": len(train_recs),
         "validation_studies": len(val_recs),
-        "by_type": {t: sum(r.lesion_type == t for r in records) for t in sorted({r.lesion_type for r in records})},
+        "by_type": {
+            t: sum(r.lesion_type == t for r in records)
+            for t in sorted({r.lesion_type for r in records})
+        },
         "seed": args.seed,
         "command": command,
         "commands": [c for c in (_phantom_command(args.archive, len(records)), command) if c],
@@ -266,6 +324,7 @@ def run(args: argparse.Namespace) -> int:
     write_package(args.out, nets={"stage1": net1, "stage2": net2}, manifest=manifest)
     val = _validate(args.out, val_recs, threads=args.threads)
     th = val["thresholds"]
+    manifest["postprocessing"]["score"] = val["score"]
     manifest["thresholds"] = {
         "operating": th["specificity_95"],
         "specificity_95": th["specificity_95"],
@@ -273,7 +332,10 @@ def run(args: argparse.Namespace) -> int:
         "method": (
             f"chosen on the validation split ({val['studies']} studies, {val['positives']} PDAC) by "
             "running the packaged detector: the lowest probability with specificity >= 0.95 (resp. "
-            ">= 0.99) on the validation non-PDAC studies; operating = the 95%-specificity threshold"
+            ">= 0.99) on the validation non-PDAC studies; operating = the 95%-specificity threshold; "
+            f"study score '{val['score']}' (validation AUROC by score: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in val["auroc_by_score"].items())
+            + ")"
         ),
     }
     manifest["metrics"] = {

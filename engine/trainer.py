@@ -52,7 +52,9 @@ def set_determinism(seed: int, threads: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def seg_loss(logits: torch.Tensor, target: torch.Tensor, *, weights: torch.Tensor | None = None) -> torch.Tensor:
+def seg_loss(
+    logits: torch.Tensor, target: torch.Tensor, *, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Cross-entropy + soft Dice (foreground classes, batch Dice) on ``(B, K, ...)`` logits."""
     ce = F.cross_entropy(logits, target, weight=weights)
     k = logits.shape[1]
@@ -82,7 +84,11 @@ def train_stage(
     torch.manual_seed(seed)
     net.train()
     opt = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    weights = None if settings.class_weights is None else torch.tensor(settings.class_weights, dtype=torch.float32)
+    weights = (
+        None
+        if settings.class_weights is None
+        else torch.tensor(settings.class_weights, dtype=torch.float32)
+    )
     warm = max(1, settings.steps // 20)
     history: list[dict] = []
     t0 = time.perf_counter()
@@ -116,7 +122,15 @@ def train_stage(
         if (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
             elapsed = time.perf_counter() - t0
             history.append({"step": step + 1, "loss": running, "lr": lr, "seconds": elapsed})
-            log.info("%s step %d/%d loss %.4f lr %.2e %.0fs", name, step + 1, settings.steps, running, lr, elapsed)
+            log.info(
+                "%s step %d/%d loss %.4f lr %.2e %.0fs",
+                name,
+                step + 1,
+                settings.steps,
+                running,
+                lr,
+                elapsed,
+            )
             if progress is not None:
                 progress(step + 1, settings.steps, running)
     net.eval()

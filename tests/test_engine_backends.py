@@ -65,7 +65,9 @@ def test_backend_pairs_agree(pkg):
             # FP16 TensorRT gets a looser tolerance than the FP32 runtimes.
             tol = 5e-2 if "tensorrt" in (a, b) else 1e-4
             for key in stage.outputs:
-                np.testing.assert_allclose(outs[a][key], outs[b][key], atol=tol, rtol=tol, err_msg=f"{a} vs {b}")
+                np.testing.assert_allclose(
+                    outs[a][key], outs[b][key], atol=tol, rtol=tol, err_msg=f"{a} vs {b}"
+                )
 
 
 def test_auto_and_explicit_choice():

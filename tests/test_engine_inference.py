@@ -30,7 +30,9 @@ def volume() -> CTVolume:
 @pytest.fixture(scope="module")
 def detector(tmp_path_factory) -> Detector:
     # Stage 1 biased to "pancreas everywhere": the box is the whole scan capped at max_box_mm.
-    root = tiny_package(tmp_path_factory.mktemp("pkg") / "p", patch1=PATCH1, patch2=PATCH2, organ_bias=(0.0, 6.0))
+    root = tiny_package(
+        tmp_path_factory.mktemp("pkg") / "p", patch1=PATCH1, patch2=PATCH2, organ_bias=(0.0, 6.0)
+    )
     return Detector(load_package(root), backend="onnxruntime", batch_size=4)
 
 
@@ -101,15 +103,22 @@ def test_memory_bounded_on_a_large_scan(detector):
     rng = np.random.default_rng(0)
     z, y, x = np.mgrid[0:200, 0:160, 0:160]
     body = ((y - 80) ** 2 / 70**2 + (x - 80) ** 2 / 75**2) < 1
-    arr = np.where(body, 40.0, -1000.0).astype(np.float32) + rng.normal(0, 5, body.shape).astype(np.float32)
+    arr = np.where(body, 40.0, -1000.0).astype(np.float32) + rng.normal(0, 5, body.shape).astype(
+        np.float32
+    )
     aff = affine_from_geometry(
-        origin=np.zeros(3), row_dir=np.array([1.0, 0, 0]), col_dir=np.array([0, 1.0, 0]),
-        slice_dir=np.array([0, 0, 1.0]), spacing=(4.0, 4.0, 4.0),
+        origin=np.zeros(3),
+        row_dir=np.array([1.0, 0, 0]),
+        col_dir=np.array([0, 1.0, 0]),
+        slice_dir=np.array([0, 0, 1.0]),
+        spacing=(4.0, 4.0, 4.0),
     )
     big = CTVolume(arr, (4.0, 4.0, 4.0), aff)
     r = detector.detect(big)
     st2 = detector.package.stage2
-    limit = tuple(int(round(m / s)) + 1 for m, s in zip(st2.max_box_mm, st2.spacing_mm, strict=True))
+    limit = tuple(
+        int(round(m / s)) + 1 for m, s in zip(st2.max_box_mm, st2.spacing_mm, strict=True)
+    )
     crop = r.diagnostics["crop_shape"]
     assert all(c <= lim for c, lim in zip(crop, limit, strict=True)), (crop, limit)
     bound = plan_tiles(limit, patch=st2.patch, overlap=st2.overlap).count

@@ -20,21 +20,33 @@ def _aff(spacing=2.0, origin=(0.0, 0.0, 0.0)):
 def test_box_contains_blob_with_margin_and_cap():
     prob = np.zeros((20, 30, 40), np.float32)
     prob[8:12, 10:16, 5:35] = 0.9  # voxel box z 8-11, y 10-15, x 5-34
-    loc = localise(prob, _aff(4.0), threshold=0.5, min_ml=0.1, margin_mm=(8, 8, 8), max_box_mm=(500, 500, 60))
+    loc = localise(
+        prob, _aff(4.0), threshold=0.5, min_ml=0.1, margin_mm=(8, 8, 8), max_box_mm=(500, 500, 60)
+    )
     assert loc.found and not loc.cut_by_fov and loc.confidence == pytest.approx(0.9)
     # world x of voxels 5..34 at 4 mm: 18..138 mm (edges), +/- 8 mm margin, then capped to 60 mm
     assert loc.box_max[0] - loc.box_min[0] == pytest.approx(60.0)
-    assert loc.box_min[2] == pytest.approx(8 * 4 - 2 - 8) and loc.box_max[2] == pytest.approx(11 * 4 + 2 + 8)
+    assert loc.box_min[2] == pytest.approx(8 * 4 - 2 - 8) and loc.box_max[2] == pytest.approx(
+        11 * 4 + 2 + 8
+    )
     assert loc.volume_ml == pytest.approx(4 * 6 * 30 * 64 / 1000)
 
 
 def test_fallback_to_half_peak_and_not_found():
     prob = np.full((10, 10, 10), 0.05, np.float32)
     prob[0:3, 4:6, 4:6] = 0.4  # an unsure localiser touching the first slice
-    loc = localise(prob, _aff(), threshold=0.5, min_ml=0.001, margin_mm=(0, 0, 0), max_box_mm=(99, 99, 99))
+    loc = localise(
+        prob, _aff(), threshold=0.5, min_ml=0.001, margin_mm=(0, 0, 0), max_box_mm=(99, 99, 99)
+    )
     assert loc.found and loc.cut_by_fov and loc.confidence == pytest.approx(0.4)
-    none = localise(np.zeros((5, 5, 5), np.float32), _aff(), threshold=0.5, min_ml=0.001,
-                    margin_mm=(0, 0, 0), max_box_mm=(9, 9, 9))
+    none = localise(
+        np.zeros((5, 5, 5), np.float32),
+        _aff(),
+        threshold=0.5,
+        min_ml=0.001,
+        margin_mm=(0, 0, 0),
+        max_box_mm=(9, 9, 9),
+    )
     assert not none.found and np.isnan(none.box_min[0])
 
 

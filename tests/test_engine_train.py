@@ -26,8 +26,17 @@ def studies() -> list[CachedStudy]:
         vol = CTVolume(s.noncontrast, s.spacing, s.affine)
         a = preprocess_study(vol, s.labels, coarse_mm=(6.0, 6.0, 6.0), fine_mm=(2.0, 2.0, 2.0))
         out.append(
-            CachedStudy("uid", a["coarse_hu"], a["coarse_label"], a["fine_hu"], a["fine_label"],
-                        kind == "pdac", kind, 20.0, False)
+            CachedStudy(
+                "uid",
+                a["coarse_hu"],
+                a["coarse_label"],
+                a["fine_hu"],
+                a["fine_label"],
+                kind == "pdac",
+                kind,
+                20.0,
+                False,
+            )
         )
     return out
 
@@ -57,9 +66,13 @@ def test_cached_arrays_and_patches(studies):
     assert pdac.coarse_label.any() and pdac.coarse_hu.dtype == np.float16
     rng = np.random.default_rng(0)
     centre = np.argwhere(pdac.fine_label == 2).mean(axis=0)
-    hu, lab = sample_patch(pdac.fine_hu, pdac.fine_label, centre=centre, patch=(8, 8, 8), rng=rng, cfg=NO_AUGMENT)
+    hu, lab = sample_patch(
+        pdac.fine_hu, pdac.fine_label, centre=centre, patch=(8, 8, 8), rng=rng, cfg=NO_AUGMENT
+    )
     assert hu.shape == (8, 8, 8) and lab[4, 4, 4] == 2  # identity transform: the lesion centre
-    hu2, lab2 = sample_patch(pdac.fine_hu, pdac.fine_label, centre=centre, patch=(8, 8, 8), rng=rng, cfg=AugmentConfig())
+    hu2, lab2 = sample_patch(
+        pdac.fine_hu, pdac.fine_label, centre=centre, patch=(8, 8, 8), rng=rng, cfg=AugmentConfig()
+    )
     assert hu2.dtype == np.float32 and set(np.unique(lab2)) <= {0, 1, 2}
     pre = default_manifest()["preprocessing"]
     draw = make_stage1_draw(studies, patch=(16, 32, 32), batch=2, pre=pre, aug=NO_AUGMENT)
@@ -99,11 +112,27 @@ def test_train_cli_end_to_end(tmp_path):
     archive = tmp_path / "arch"
     generate_archive(archive, studies=4, seed=21, matrix=128, workers=1)
     out = tmp_path / "pkg"
-    rc = main([
-        "train", "--archive", str(archive), "--out", str(out), "--stage1-steps", "2",
-        "--stage2-steps", "2", "--base1", "4", "--base2", "4", "--val-fraction", "0.5",
-        "--cache", str(tmp_path / "cache"),
-    ])
+    rc = main(
+        [
+            "train",
+            "--archive",
+            str(archive),
+            "--out",
+            str(out),
+            "--stage1-steps",
+            "2",
+            "--stage2-steps",
+            "2",
+            "--base1",
+            "4",
+            "--base2",
+            "4",
+            "--val-fraction",
+            "0.5",
+            "--cache",
+            str(tmp_path / "cache"),
+        ]
+    )
     assert rc == 0
     pkg = load_package(out)
     manifest = json.loads((out / "model.json").read_text())

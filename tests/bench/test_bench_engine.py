@@ -31,20 +31,24 @@ def series_512x300() -> CTVolume:
     s = make_subject(4242, matrix=256, lesion_type="pdac")
     nz = s.noncontrast.shape[0]
     zoom = (300 / nz, 2.0, 2.0)
-    arr = ndimage.zoom(s.noncontrast, zoom, order=1, grid_mode=True, mode="nearest").astype(np.float32)
+    arr = ndimage.zoom(s.noncontrast, zoom, order=1, grid_mode=True, mode="nearest").astype(
+        np.float32
+    )
     dz = s.spacing[0] * nz / arr.shape[0]
     dx = s.spacing[2] / 2.0
     origin = s.affine[:3, 3] + np.array([-dx / 2, -dx / 2, (dz - s.spacing[0]) / 2])
     aff = affine_from_geometry(
-        origin=origin, row_dir=np.array([1.0, 0, 0]), col_dir=np.array([0, 1.0, 0]),
-        slice_dir=np.array([0, 0, 1.0]), spacing=(dz, dx, dx),
+        origin=origin,
+        row_dir=np.array([1.0, 0, 0]),
+        col_dir=np.array([0, 1.0, 0]),
+        slice_dir=np.array([0, 0, 1.0]),
+        spacing=(dz, dx, dx),
     )
     return CTVolume(arr, (dz, dx, dx), aff, series_instance_uid="bench-512")
 
 
 def baseline_whole_abdomen(volume: CTVolume, package) -> tuple[float, dict]:
-    from pdacscreen.kernels.intensity import to_model_input
-    from pdacscreen.kernels.resample import resample
+    from pdacscreen.kernels import resample, to_model_input
 
     st = package.stage2
     net = build_network(st.network)
@@ -63,8 +67,12 @@ def baseline_whole_abdomen(volume: CTVolume, package) -> tuple[float, dict]:
     t1 = time.perf_counter()
     out = sliding_window(x, patch=st.patch, predict=predict, overlap=0.5, batch_size=4)
     t2 = time.perf_counter()
-    return t2 - t0, {"resample": t1 - t0, "sliding_window": t2 - t1, "windows": int(out["windows"]),
-                     "grid": tuple(x.shape)}
+    return t2 - t0, {
+        "resample": t1 - t0,
+        "sliding_window": t2 - t1,
+        "windows": int(out["windows"]),
+        "grid": tuple(x.shape),
+    }
 
 
 def test_bench_engine_per_study():
@@ -82,10 +90,14 @@ def test_bench_engine_per_study():
     base, info = baseline_whole_abdomen(volume, package)
     ratio = base / ours
     parts = " ".join(f"{k}={v:.2f}s" for k, v in res.timings.items())
-    print(f"\nours: {ours:.2f}s per study ({parts}); stage-1 windows {res.diagnostics['stage1_windows']},"
-          f" stage-2 windows {res.diagnostics['stage2_windows']} on crop {res.diagnostics['crop_shape']}")
-    print(f"baseline: {base:.2f}s (resample {info['resample']:.2f}s, sliding window {info['sliding_window']:.2f}s,"
-          f" {info['windows']} windows on {info['grid']})")
+    print(
+        f"\nours: {ours:.2f}s per study ({parts}); stage-1 windows {res.diagnostics['stage1_windows']},"
+        f" stage-2 windows {res.diagnostics['stage2_windows']} on crop {res.diagnostics['crop_shape']}"
+    )
+    print(
+        f"baseline: {base:.2f}s (resample {info['resample']:.2f}s, sliding window {info['sliding_window']:.2f}s,"
+        f" {info['windows']} windows on {info['grid']})"
+    )
     print(
         f"BENCH engine_per_study ratio={ratio:.1f} two-stage ONNX Runtime CPU detector ({ours:.2f}s) vs "
         f"torch eager whole-abdomen sliding window of the stage-2 net ({base:.2f}s), 512x512x300 series"
