@@ -34,7 +34,15 @@ from pdacscreen.engine.metrics import (
 )
 from pdacscreen.io.ctvolume import CTVolume
 
-__all__ = ["Case", "archive_cases", "phantom_cases", "assess_cases", "summarise", "main"]
+__all__ = [
+    "Case",
+    "archive_cases",
+    "phantom_cases",
+    "assess_cases",
+    "summarise",
+    "update_card",
+    "main",
+]
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +106,7 @@ def phantom_cases(
     slice_thickness_mm: list[float] | None = None,
     noise_hu: float | None = None,
     pdac_fraction: float = 0.5,
+    start: int = 0,
 ) -> Iterator[Case]:
     """The subjects ``pdacscreen phantom --seed SEED`` would write, made in memory (no DICOM).
 
@@ -110,7 +119,7 @@ def phantom_cases(
 
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
-    for k in range(studies):
+    for k in range(start, start + studies):
         thk = slice_thickness_mm[k % len(slice_thickness_mm)] if slice_thickness_mm else None
         tag = f"s{seed}-m{matrix}-k{k}-t{thk}-n{noise_hu}-f{pdac_fraction}"
         path = cache / f"{tag}.npz"
@@ -235,7 +244,6 @@ def summarise(rows: list[dict], *, operating: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pdacscreen.engine.modelcard import write_model_card
     from pdacscreen.engine.package import REFERENCE_PACKAGE, load_package
 
     ap = argparse.ArgumentParser(
@@ -247,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         "--phantom-seed", type=int, help="make the subjects of this archive seed in memory"
     )
     ap.add_argument("--studies", type=int, default=200, help="with --phantom-seed")
+    ap.add_argument("--start", type=int, default=0, help="with --phantom-seed: first study index")
     ap.add_argument("--matrix", type=int, default=256, help="with --phantom-seed")
     ap.add_argument(
         "--slice-thickness-mm", type=float, nargs="+", default=None, help="override (cycled)"
@@ -282,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             cache=args.cache,
             slice_thickness_mm=args.slice_thickness_mm,
             noise_hu=args.noise_hu,
+            start=args.start,
         )
         source = f"--phantom-seed {args.phantom_seed} --studies {args.limit or args.studies} --matrix {args.matrix}"
         if args.slice_thickness_mm:
@@ -304,20 +314,27 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps({"summary": summary, "rows": rows}, indent=2, default=float)
         )
     if args.update_card:
-        root = args.model or REFERENCE_PACKAGE
-        path = Path(root) / "assessment.json"
-        data = (
-            json.loads(path.read_text())
-            if path.is_file()
-            else {"archives": {}, "notes": [], "commands": []}
+        update_card(
+            Path(args.model or REFERENCE_PACKAGE), name=name, summary=summary, notes=args.note
         )
-        data["archives"][name] = summary
-        data["notes"] = sorted(set(data.get("notes", [])) | set(args.note))
-        cmd = f"python -m pdacscreen.engine.assess {source} --model {root} --name {name} --update-card"
-        data["commands"] = sorted(set(data.get("commands", [])) | {cmd})
-        path.write_text(json.dumps(data, indent=2, default=float) + "\n")
-        write_model_card(Path(root))
     return 0
+
+
+def update_card(root: Path, *, name: str, summary: dict, notes: list[str] = ()) -> Path:
+    """Merge one archive's summary into ``root/assessment.json`` and regenerate the README."""
+    from pdacscreen.engine.modelcard import write_model_card
+
+    path = Path(root) / "assessment.json"
+    if path.is_file():
+        data = json.loads(path.read_text())
+    else:
+        data = {"archives": {}, "notes": [], "commands": []}
+    data["archives"][name] = summary
+    data["notes"] = sorted(set(data.get("notes", [])) | set(notes))
+    cmd = f"python -m pdacscreen.engine.assess {summary.get('source', '')} --name {name} --update-card"
+    data["commands"] = sorted(set(data.get("commands", [])) | {cmd})
+    path.write_text(json.dumps(data, indent=2, default=float) + "\n")
+    return write_model_card(Path(root))
 
 
 if __name__ == "__main__":
