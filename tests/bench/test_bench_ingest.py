@@ -13,12 +13,12 @@ the same run (best of two for each side); results must agree before a ratio is p
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+from baselines import best_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ingest_synth import phantom_slice, write_series  # noqa: E402
@@ -29,15 +29,6 @@ from pdacscreen.io.volume import load_series  # noqa: E402
 
 KEY = b"bench-key-0123456789abcdef"
 pytestmark = pytest.mark.bench
-
-
-def _best(fn, repeats: int = 2):
-    best, out = np.inf, None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
 
 
 def test_bench_index(tmp_path):
@@ -66,9 +57,9 @@ def test_bench_index(tmp_path):
         upd = update_index(root, idx, key=KEY, workers=workers)
         return upd, idx
 
-    t_floor, _ = _best(floor)
-    t1, (u1, i1) = _best(lambda: ours(1))
-    t2, (u2, i2) = _best(lambda: ours(2))
+    t_floor, _ = best_of(floor)
+    t1, (u1, i1) = best_of(lambda: ours(1))
+    t2, (u2, i2) = best_of(lambda: ours(2))
     assert u1.read == u2.read == 6000 and u1.bad == u2.bad == 0
     assert len(read_index(i1)) == len(read_index(i2)) == 6000
     f0, f1, f2 = (len(files) / t for t in (t_floor, t1, t2))
@@ -82,7 +73,7 @@ def test_bench_index(tmp_path):
     )
     print(f"BENCH index_scaling ratio={f2 / f1:.2f} update_index workers=2 vs workers=1")
     # incremental: nothing changed -> only the walk
-    t_inc, upd = _best(lambda: update_index(root, i1, key=KEY, workers=2))
+    t_inc, upd = best_of(lambda: update_index(root, i1, key=KEY, workers=2))
     assert upd.read == 0
     print(
         f"BENCH index_incremental ratio={t1 / t_inc:.1f} full index (workers=1) vs "
@@ -123,9 +114,9 @@ def test_bench_volume(tmp_path, name, n, ts, image_fn):
         **kw,
     )
     files = [str(f) for f in files[::-1]]  # files in reverse z order; InstanceNumber shuffled
-    t_naive, ref = _best(lambda: _naive(files))
-    t1, v1 = _best(lambda: load_series(files, key=KEY, workers=1))
-    t2, v2 = _best(lambda: load_series(files, key=KEY, workers=2))
+    t_naive, ref = best_of(lambda: _naive(files))
+    t1, v1 = best_of(lambda: load_series(files, key=KEY, workers=1))
+    t2, v2 = best_of(lambda: load_series(files, key=KEY, workers=2))
     np.testing.assert_array_equal(v2.array, np.maximum(ref, -1024))  # same HU, air-clipped
     np.testing.assert_array_equal(v1.array, v2.array)
     print(

@@ -10,11 +10,10 @@ the crop.  Both chains run in the same process on the same volume; results must 
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
+from baselines import best_of
 
 from pdacscreen.kernels import body_mask, resample, to_model_input
 from pdacscreen.kernels.phantom import synthetic_ct
@@ -26,24 +25,15 @@ WINDOW, MEAN, STD = (-160.0, 240.0), 40.0, 80.0
 SLOPE, INTERCEPT = 1.0, -1024.0
 
 
-def _best(fn, repeats=2):
-    best, out = np.inf, None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
-
-
 def _fast_chain(stored, affine):
     t = {}
     # Body mask on stored values: the HU threshold moved into stored units (no HU array made).
-    t["body"], body = _best(
+    t["body"], body = best_of(
         lambda: body_mask(
             stored, threshold=(-500.0 - INTERCEPT) / SLOPE, spacing=SPACING, backend="numpy"
         )
     )
-    t["model_input"], x = _best(
+    t["model_input"], x = best_of(
         lambda: to_model_input(
             stored,
             slope=SLOPE,
@@ -54,8 +44,12 @@ def _fast_chain(stored, affine):
             backend="numpy",
         )
     )
-    t["resample_1mm"], r1 = _best(lambda: resample(x, affine, 1.0, crop=body.box, backend="numpy"))
-    t["resample_4mm"], r4 = _best(lambda: resample(x, affine, 4.0, crop=body.box, backend="numpy"))
+    t["resample_1mm"], r1 = best_of(
+        lambda: resample(x, affine, 1.0, crop=body.box, backend="numpy")
+    )
+    t["resample_4mm"], r4 = best_of(
+        lambda: resample(x, affine, 4.0, crop=body.box, backend="numpy")
+    )
     return t, body, r1, r4
 
 
@@ -74,14 +68,14 @@ def _reference_chain(stored, box):
         hu = stored * SLOPE + INTERCEPT
         return hu, ((np.clip(hu, *WINDOW) - MEAN) / STD).astype(np.float32)
 
-    t["model_input"], (hu, x) = _best(hu_window, repeats=1)
+    t["model_input"], (hu, x) = best_of(hu_window, repeats=1)
 
     def body():
         lab, n = ndi.label(hu > -500.0)
         largest = lab == (np.argmax(np.bincount(lab.ravel())[1:]) + 1)
         return np.stack([ndi.binary_fill_holes(s) for s in largest])
 
-    t["body"], mask = _best(body, repeats=1)
+    t["body"], mask = best_of(body, repeats=1)
 
     def zoom(target):
         out_shape = [max(1, round(n * s / target)) for n, s in zip(SHAPE, SPACING, strict=True)]
@@ -93,8 +87,8 @@ def _reference_chain(stored, box):
         )
         return z[tuple(_crop_rows(SHAPE[c], out_shape[c], box[c]) for c in range(3))]
 
-    t["resample_1mm"], r1 = _best(lambda: zoom(1.0), repeats=1)
-    t["resample_4mm"], r4 = _best(lambda: zoom(4.0), repeats=1)
+    t["resample_1mm"], r1 = best_of(lambda: zoom(1.0), repeats=1)
+    t["resample_4mm"], r4 = best_of(lambda: zoom(4.0), repeats=1)
     return t, mask, r1, r4
 
 

@@ -7,20 +7,12 @@ import time
 
 import pandas as pd
 import pytest
+from baselines import best_of
 from synthetic_store import make_synthetic_findings
 
 from pdacscreen.flows.query import EXAMPLE_QUERIES, query
 
 N_ROWS = 1_000_000
-
-
-def _best_of(fn, repeats: int = 3) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
 
 
 @pytest.mark.bench
@@ -35,8 +27,8 @@ def test_bench_query_flag_rate_by_vendor(tmp_path):
         ok = df[df["status"] == "ok"]
         return ok.groupby("manufacturer", observed=True)["pdac_flag"].agg(["size", "sum"])
 
-    t_duck, table = _best_of(lambda: query(gen.store.root, sql))
-    t_pd, want = _best_of(with_pandas)
+    t_duck, table = best_of(lambda: query(gen.store.root, sql), repeats=3)
+    t_pd, want = best_of(with_pandas, repeats=3)
     got = table.to_pandas().set_index("manufacturer")
     for vendor, row in want.iterrows():  # same answer both ways
         assert got.loc[vendor, "studies"] == row["size"]
@@ -61,8 +53,8 @@ def test_bench_query_flag_rate_by_vendor(tmp_path):
         ok = df[df["status"] == "ok"]
         return ok.groupby("manufacturer", observed=True)["pdac_flag"].agg(["size", "sum"])
 
-    t_duck2, table2 = _best_of(lambda: query(gen.store.root, latest_sql), repeats=2)
-    t_pd2, want2 = _best_of(with_pandas_latest, repeats=2)
+    t_duck2, table2 = best_of(lambda: query(gen.store.root, latest_sql), repeats=2)
+    t_pd2, want2 = best_of(with_pandas_latest, repeats=2)
     assert table2.to_pandas().set_index("manufacturer")["studies"].sum() == want2["size"].sum()
     print(
         f"BENCH query_latest_flag_rate_by_vendor ratio={t_pd2 / t_duck2:.1f} "
