@@ -62,8 +62,15 @@ def test_backend_pairs_agree(pkg):
             assert set(out) == set(stage.outputs), n
             assert out["seg"].shape == (2, stage.network.out_channels, *stage.patch)
         for a, b in itertools.combinations(names, 2):
-            # FP16 TensorRT gets a looser tolerance than the FP32 runtimes.
-            tol = 5e-2 if "tensorrt" in (a, b) else 1e-4
+            # FP16 TensorRT gets the loosest tolerance; CUDA torch runs FP32 convolutions with
+            # TF32 tensor cores (10-bit mantissa; on an H200 the seg logits differ by up to
+            # 2.6e-3 from FP32 CPU), so any CUDA pair gets 1e-2; CPU FP32 runtimes agree to 1e-4.
+            if "tensorrt" in (a, b):
+                tol = 5e-2
+            elif any(n.endswith("cuda") for n in (a, b)):
+                tol = 1e-2
+            else:
+                tol = 1e-4
             for key in stage.outputs:
                 np.testing.assert_allclose(
                     outs[a][key], outs[b][key], atol=tol, rtol=tol, err_msg=f"{a} vs {b}"
