@@ -34,11 +34,14 @@ from pdacscreen.io.ctvolume import CTVolume, voxel_to_world
 
 __all__ = [
     "StudyRecord",
+    "PhantomRecord",
+    "phantom_training_set",
     "CachedStudy",
     "archive_records",
     "load_study",
     "build_cache",
     "load_cached",
+    "cached_from_arrays",
 ]
 
 log = logging.getLogger(__name__)
@@ -277,3 +280,117 @@ def load_cached(path: Path, record: StudyRecord) -> CachedStudy:
             lesion_diameter_mm=record.lesion_diameter_mm,
             fatty_pancreas=record.fatty_pancreas,
         )
+
+
+@dataclass(frozen=True)
+class PhantomRecord:
+    """A training study made in memory by the phantom generator (no DICOM round trip).
+
+    Study ``index`` of ``seed`` is the subject ``pdacscreen phantom --seed SEED`` writes as its
+    study ``index`` (:func:`pdacscreen.io.phantom_archive.study_plan`), so ``--phantoms N`` trains
+    on the same patients as an archive of N studies made with that seed.
+    """
+
+    study_uid: str
+    series_uid: str
+    lesion_type: str
+    lesion_diameter_mm: float
+    fatty_pancreas: bool
+    index: int
+    truth: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def pdac(self) -> bool:
+        return self.lesion_type == "pdac"
+
+
+def _phantom_study(args: tuple) -> tuple[dict, dict[str, np.ndarray], tuple]:
+    """Worker: make subject ``index`` of ``seed`` and preprocess it like a cached study."""
+    from pdacscreen.io.phantom import make_subject
+    from pdacscreen.io.phantom_archive import study_plan
+
+    seed, index, matrix, pdac_fraction, coarse_mm, fine_mm = args
+    sub_seed, is_pdac = study_plan(seed, index, pdac_fraction)
+    sub = make_subject(sub_seed, matrix=matrix, pdac=is_pdac)
+    volume = CTVolume(sub.noncontrast, sub.spacing, sub.affine, series_instance_uid="phantom")
+    arrays = preprocess_study(volume, sub.labels, coarse_mm=coarse_mm, fine_mm=fine_mm)
+    raw = (sub.noncontrast.astype(np.int16), tuple(sub.spacing), np.asarray(sub.affine))
+    return dict(sub.truth), arrays, raw
+
+
+def phantom_training_set(
+    *,
+    seed: int,
+    studies: int,
+    matrix: int,
+    coarse_mm: tuple,
+    fine_mm: tuple,
+    pdac_fraction: float = 0.5,
+    workers: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[list[PhantomRecord], list[dict[str, np.ndarray]], list[tuple]]:
+    """Make ``studies`` phantom subjects in memory and preprocess them (see :class:`PhantomRecord`).
+
+    Returns ``(records, arrays, volumes)``, index-aligned: the cached-study arrays of
+    :func:`preprocess_study` and the raw volume ``(hu int16, spacing, affine)`` of each study
+    (the validation split runs the packaged detector on it).  Parallel over ``workers``
+    processes; the result does not depend on ``workers``.
+    """
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    if studies < 4:
+        raise TrainingError(f"--phantoms needs at least 4 studies, got {studies}")
+    jobs = [
+        (seed, k, matrix, pdac_fraction, tuple(coarse_mm), tuple(fine_mm)) for k in range(studies)
+    ]
+    if workers <= 1:
+        results = []
+        for i, job in enumerate(jobs):
+            results.append(_phantom_study(job))
+            if progress is not None:
+                progress(i + 1, len(jobs))
+    else:
+        # fork: the workers use NumPy only (the caller has not initialised CUDA yet).
+        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            results = []
+            for i, res in enumerate(pool.map(_phantom_study, jobs, chunksize=1)):
+                results.append(res)
+                if progress is not None:
+                    progress(i + 1, len(jobs))
+    records, arrays, volumes = [], [], []
+    for k, (truth, arr, raw) in enumerate(results):
+        lesion_type = str(truth.get("lesion_type") or "none")
+        records.append(
+            PhantomRecord(
+                study_uid=f"phantom-s{seed}-k{k}",
+                series_uid=f"phantom-s{seed}-m{matrix}-k{k:05d}",
+                lesion_type=lesion_type,
+                lesion_diameter_mm=float(truth.get("lesion_diameter_mm") or 0.0),
+                fatty_pancreas=bool(truth.get("fatty_pancreas", False)),
+                index=k,
+                truth=truth,
+            )
+        )
+        arrays.append(arr)
+        volumes.append(raw)
+    return records, arrays, volumes
+
+
+def cached_from_arrays(arrays: dict[str, np.ndarray], record) -> CachedStudy:
+    """A :class:`CachedStudy` from in-memory arrays (as :func:`load_cached` does from disk)."""
+    fine_label = arrays["fine_label"]
+    if not record.pdac:
+        fine_label = np.where(fine_label == 2, 1, fine_label).astype(np.uint8)
+    return CachedStudy(
+        series_uid=record.series_uid,
+        coarse_hu=arrays["coarse_hu"],
+        coarse_label=arrays["coarse_label"],
+        fine_hu=arrays["fine_hu"],
+        fine_label=fine_label,
+        pdac=record.pdac,
+        lesion_type=record.lesion_type,
+        lesion_diameter_mm=record.lesion_diameter_mm,
+        fatty_pancreas=record.fatty_pancreas,
+    )

@@ -1,13 +1,20 @@
-"""``pdacscreen train``: train the two-stage reference model on a phantom archive (CPU).
+"""``pdacscreen train``: train the two-stage reference model on phantoms (CPU or CUDA).
 
-Steps: read the archive's truth table and label maps; preprocess every study once into a disk
-cache; split studies into training and validation (stratified by lesion type, by seed); train
+Training data: a phantom archive (``--archive``: DICOM, truth table, label maps) or the same
+generator's subjects made in memory (``--phantoms N --phantom-seed S``: study k is the subject
+``pdacscreen phantom --seed S`` writes as study k, without the DICOM round trip).
+
+Steps: read the archive's truth table and label maps (or make the subjects); preprocess every
+study once (a disk cache for archives); split studies into training and validation (stratified by lesion type, by seed); train
 stage 1 (pancreas localiser, coarse grid) and stage 2 (pancreas + PDAC segmentation with a
 classification head, fine crop) with augmentation; export both to ONNX (plus torch state dicts);
 run the real detector on the validation studies to choose the operating thresholds (95% and 99%
 specificity); write ``model.json`` and the model card ``README.md``.
 
-Deterministic for a seed at a fixed ``--threads`` (single process, seeded NumPy and torch).
+On the CPU, deterministic for a seed at a fixed ``--threads`` (batch ``i`` is drawn from its own
+seeded generator, so ``--workers`` does not change it).  ``--device cuda`` trains on a GPU with
+cuDNN autotuning (reproducible up to floating-point order) and validates with the torch CUDA
+backend.  ``python -m pdacscreen.engine.train`` runs the same command without the Prefect/Ray CLI.
 """
 
 from __future__ import annotations
@@ -26,22 +33,49 @@ from pdacscreen.engine.dataset import (
     CachedStudy,
     archive_records,
     build_cache,
+    cached_from_arrays,
     load_cached,
     load_study,
+    phantom_training_set,
 )
 from pdacscreen.engine.errors import TrainingError
 from pdacscreen.engine.network import NetworkSpec, build_network
 from pdacscreen.engine.package import default_manifest, load_package
-from pdacscreen.engine.trainer import Batch, StageTraining, set_determinism, train_stage
+from pdacscreen.engine.trainer import (
+    Batch,
+    StageTraining,
+    make_batch_pool,
+    register_draw,
+    resolve_device,
+    set_determinism,
+    train_stage,
+)
 
-__all__ = ["add_arguments", "run", "split_records", "make_stage1_draw", "make_stage2_draw"]
+__all__ = [
+    "add_arguments",
+    "run",
+    "main",
+    "split_records",
+    "make_stage1_draw",
+    "make_stage2_draw",
+]
 
 log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--archive", type=Path, help="phantom archive (pdacscreen phantom)")
+    data.add_argument(
+        "--phantoms",
+        type=int,
+        metavar="N",
+        help="make N phantom subjects in memory instead (study k of --phantom-seed)",
+    )
+    parser.add_argument("--phantom-seed", type=int, default=1000, help="with --phantoms")
+    parser.add_argument("--matrix", type=int, default=256, help="with --phantoms")
     parser.add_argument(
-        "--archive", type=Path, required=True, help="phantom archive (pdacscreen phantom)"
+        "--pdac-fraction", type=float, default=0.5, help="with --phantoms (as pdacscreen phantom)"
     )
     parser.add_argument("--out", type=Path, required=True, help="model package folder to write")
     parser.add_argument("--seed", type=int, default=0)
@@ -59,6 +93,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.25)
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: fastest on a shared CPU)"
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="cpu, cuda[:N] or auto (cuda when torch sees a GPU)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes that make phantoms and draw augmented batches (results do not depend on it)",
+    )
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="cap on the training time of both stages: step counts are lowered to fit (recorded)",
     )
     parser.add_argument("--name", default="pdacscreen-reference")
     parser.add_argument("--version", default="0.1.0")
@@ -179,24 +228,22 @@ def _thresholds(scores: np.ndarray, labels: np.ndarray) -> dict:
     return out
 
 
-def _validate(package_dir: Path, records: list, *, threads: int) -> dict:
-    """Run the packaged detector on validation studies; returns scores and metrics."""
+def _validate(package_dir: Path, cases, *, threads: int, backend: str = "onnxruntime") -> dict:
+    """Run the packaged detector on validation ``(volume, record)`` cases; scores and metrics."""
     from pdacscreen.engine.inference import Detector
     from pdacscreen.engine.metrics import auroc, sensitivity_at
 
-    det = Detector(load_package(package_dir), backend="onnxruntime", threads=threads)
+    det = Detector(load_package(package_dir), backend=backend, threads=threads)
     by_score: dict[str, list[float]] = {"cls": [], "lesion_peak": []}
     labels = []
-    for i, rec in enumerate(records):
-        volume, _ = load_study(rec)
+    for i, (volume, rec) in enumerate(cases):
         res = det.detect(volume)
         by_score["cls"].append(float(res.diagnostics.get("cls_probability", 0.0)))
         by_score["lesion_peak"].append(float(res.diagnostics.get("lesion_peak", 0.0)))
         labels.append(int(rec.pdac))
         log.info(
-            "validation %d/%d cls=%.3f peak=%.3f truth=%s",
+            "validation %d cls=%.3f peak=%.3f truth=%s",
             i + 1,
-            len(records),
             by_score["cls"][-1],
             by_score["lesion_peak"][-1],
             rec.lesion_type,
@@ -216,7 +263,7 @@ def _validate(package_dir: Path, records: list, *, threads: int) -> dict:
         "auroc": auroc(s, y),
         "sensitivity_at_95": sensitivity_at(s, y, th["specificity_95"]),
         "sensitivity_at_99": sensitivity_at(s, y, th["specificity_99"]),
-        "studies": len(records),
+        "studies": len(labels),
         "positives": int(y.sum()),
     }
 
@@ -243,6 +290,55 @@ def _phantom_command(archive: Path, studies: int) -> str:
     )
 
 
+def _load_data(args, st1: dict, st2: dict, work: Path):
+    """(records, training studies, validation records, validation cases factory)."""
+    coarse_mm, fine_mm = tuple(st1["spacing_mm"]), tuple(st2["spacing_mm"])
+    if args.phantoms is not None:
+        from pdacscreen.io.ctvolume import CTVolume
+
+        records, arrays, volumes = phantom_training_set(
+            seed=args.phantom_seed,
+            studies=args.phantoms,
+            matrix=args.matrix,
+            coarse_mm=coarse_mm,
+            fine_mm=fine_mm,
+            pdac_fraction=args.pdac_fraction,
+            workers=args.workers,
+            progress=lambda i, n: (
+                log.info("phantom %d/%d", i, n) if i % 20 == 0 or i == n else None
+            ),
+        )
+        train_recs, val_recs = split_records(records, fraction=args.val_fraction, seed=args.seed)
+        at = {r.series_uid: r.index for r in records}
+        studies = [cached_from_arrays(arrays[at[r.series_uid]], r) for r in train_recs]
+
+        def val_cases():
+            for r in val_recs:
+                hu, spacing, affine = volumes[at[r.series_uid]]
+                vol = CTVolume(
+                    hu.astype(np.float32), spacing, affine, series_instance_uid=r.series_uid
+                )
+                yield vol, r
+
+        return records, studies, train_recs, val_recs, val_cases
+    records = archive_records(args.archive)
+    train_recs, val_recs = split_records(records, fraction=args.val_fraction, seed=args.seed)
+    paths = build_cache(
+        train_recs,
+        cache_dir=args.cache or work / "engine" / "cache",
+        coarse_mm=coarse_mm,
+        fine_mm=fine_mm,
+        progress=lambda i, n: log.info("cache %d/%d", i, n),
+    )
+    studies = [load_cached(p, r) for p, r in zip(paths, train_recs, strict=True)]
+
+    def val_cases():
+        for r in val_recs:
+            yield load_study(r)[0], r
+
+    return records, studies, train_recs, val_recs, val_cases
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -251,60 +347,87 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console(stderr=True)
     t_start = time.perf_counter()
-    set_determinism(args.seed, args.threads)
+    device = resolve_device(args.device)
+    set_determinism(args.seed, args.threads, device=device)
     manifest = default_manifest(name=args.name, version=args.version)
     pre = manifest["preprocessing"]
     st1, st2 = manifest["stages"]["stage1"], manifest["stages"]["stage2"]
     work = Path(os.environ.get("PDACSCREEN_WORK", "work"))
-    cache = args.cache or work / "engine" / "cache"
-    records = archive_records(args.archive)
-    train_recs, val_recs = split_records(records, fraction=args.val_fraction, seed=args.seed)
+    records, studies, train_recs, val_recs, val_cases = _load_data(args, st1, st2, work)
     console.print(
-        f"[bold]train[/]: {len(records)} studies, {len(train_recs)} training, {len(val_recs)} validation"
+        f"[bold]train[/]: {len(records)} studies, {len(train_recs)} training, "
+        f"{len(val_recs)} validation; device {device}"
     )
-    paths = build_cache(
-        train_recs,
-        cache_dir=cache,
-        coarse_mm=tuple(st1["spacing_mm"]),
-        fine_mm=tuple(st2["spacing_mm"]),
-        progress=lambda i, n: log.info("cache %d/%d", i, n),
-    )
-    studies = [load_cached(p, r) for p, r in zip(paths, train_recs, strict=True)]
-    t_cache = time.perf_counter() - t_start
-    console.print(f"cache ready in {t_cache:.0f}s")
+    t_data = time.perf_counter() - t_start
+    console.print(f"training data ready in {t_data:.0f}s")
     aug = AugmentConfig()
     steps1 = max(1, int(args.stage1_steps * args.epochs))
     steps2 = max(1, int(args.stage2_steps * args.epochs))
-    net1 = build_network(NetworkSpec(out_channels=2, base=args.base1, depth=3))
-    draw1 = make_stage1_draw(studies, patch=st1["patch"], batch=args.batch, pre=pre, aug=aug)
-    hist1 = train_stage(
-        net1,
-        draw1,
-        settings=StageTraining(steps=steps1, lr=3e-3, class_weights=(1.0, 3.0)),
-        seed=args.seed,
-        name="stage1",
-    )
-    console.print(
-        f"stage 1 done ({steps1} steps) in {time.perf_counter() - t_start:.0f}s, loss {hist1[-1]['loss']:.3f}"
-    )
-    net2 = build_network(NetworkSpec(out_channels=3, base=args.base2, depth=3, cls_head=True))
     patch2 = tuple(args.train_patch2) if args.train_patch2 else tuple(st2["patch"])
+    draw1 = make_stage1_draw(studies, patch=st1["patch"], batch=args.batch, pre=pre, aug=aug)
     draw2 = make_stage2_draw(studies, patch=patch2, batch=args.batch, pre=pre, aug=aug)
-    hist2 = train_stage(
-        net2,
-        draw2,
-        settings=StageTraining(
-            steps=steps2, lr=2e-3, class_weights=(1.0, 1.0, 2.0), cls_weight=1.0
-        ),
-        seed=args.seed + 1,
-        name="stage2",
-    )
+    register_draw("stage1", draw1)
+    register_draw("stage2", draw2)
+    pool = make_batch_pool(args.workers)  # forked before CUDA is touched
+    budget = None if args.max_minutes is None else 60.0 * args.max_minutes
+    try:
+        net1 = build_network(NetworkSpec(out_channels=2, base=args.base1, depth=3))
+        t1 = time.perf_counter()
+        hist1 = train_stage(
+            net1,
+            draw1,
+            settings=StageTraining(steps=steps1, lr=3e-3, class_weights=(1.0, 3.0)),
+            seed=args.seed,
+            name="stage1",
+            device=device,
+            pool=pool,
+            max_seconds=None if budget is None else 0.2 * budget,
+        )
+        console.print(
+            f"stage 1 done ({hist1[-1]['step']} steps) in {time.perf_counter() - t_start:.0f}s, "
+            f"loss {hist1[-1]['loss']:.3f}"
+        )
+        net2 = build_network(NetworkSpec(out_channels=3, base=args.base2, depth=3, cls_head=True))
+        hist2 = train_stage(
+            net2,
+            draw2,
+            settings=StageTraining(
+                steps=steps2, lr=2e-3, class_weights=(1.0, 1.0, 2.0), cls_weight=1.0
+            ),
+            seed=args.seed + 1,
+            name="stage2",
+            device=device,
+            pool=pool,
+            max_seconds=None if budget is None else budget - (time.perf_counter() - t1),
+        )
+    finally:
+        if pool is not None:
+            pool.terminate()
     console.print(
-        f"stage 2 done ({steps2} steps) in {time.perf_counter() - t_start:.0f}s, loss {hist2[-1]['loss']:.3f}"
+        f"stage 2 done ({hist2[-1]['step']} steps) in {time.perf_counter() - t_start:.0f}s, "
+        f"loss {hist2[-1]['loss']:.3f}"
     )
     command = args.command_line or _train_command()
+    if args.phantoms is not None:
+        source = {
+            "archive": None,
+            "phantoms": {
+                "seed": args.phantom_seed,
+                "studies": args.phantoms,
+                "matrix": args.matrix,
+                "pdac_fraction": args.pdac_fraction,
+                "made": "in memory by pdacscreen.io.phantom (study k = pdacscreen phantom "
+                f"--seed {args.phantom_seed} study k, no DICOM round trip)",
+            },
+            "commands": [command],
+        }
+    else:
+        source = {
+            "archive": str(args.archive),
+            "commands": [c for c in (_phantom_command(args.archive, len(records)), command) if c],
+        }
     manifest["training_data"] = {
-        "archive": str(args.archive),
+        **source,
         "studies": len(records),
         "training_studies": len(train_recs),
         "validation_studies": len(val_recs),
@@ -314,15 +437,18 @@ def run(args: argparse.Namespace) -> int:
         },
         "seed": args.seed,
         "command": command,
-        "commands": [c for c in (_phantom_command(args.archive, len(records)), command) if c],
-        "stage1_steps": steps1,
-        "stage2_steps": steps2,
+        "device": device,
+        "stage1_steps": hist1[-1]["step"],
+        "stage2_steps": hist2[-1]["step"],
+        "stage1_steps_planned": steps1,
+        "stage2_steps_planned": steps2,
         "stage2_training_patch": list(patch2),
         "batch": args.batch,
         "augmentation": {k: v for k, v in aug.__dict__.items()},
     }
     write_package(args.out, nets={"stage1": net1, "stage2": net2}, manifest=manifest)
-    val = _validate(args.out, val_recs, threads=args.threads)
+    backend = "torch-cuda" if device.startswith("cuda") else "onnxruntime"
+    val = _validate(args.out, val_cases(), threads=args.threads, backend=backend)
     th = val["thresholds"]
     manifest["postprocessing"]["score"] = val["score"]
     manifest["thresholds"] = {
@@ -331,9 +457,9 @@ def run(args: argparse.Namespace) -> int:
         "specificity_99": th["specificity_99"],
         "method": (
             f"chosen on the validation split ({val['studies']} studies, {val['positives']} PDAC) by "
-            "running the packaged detector: the lowest probability with specificity >= 0.95 (resp. "
-            ">= 0.99) on the validation non-PDAC studies; operating = the 95%-specificity threshold; "
-            f"study score '{val['score']}' (validation AUROC by score: "
+            f"running the packaged detector ({backend}): the lowest probability with specificity "
+            ">= 0.95 (resp. >= 0.99) on the validation non-PDAC studies; operating = the "
+            f"95%-specificity threshold; study score '{val['score']}' (validation AUROC by score: "
             + ", ".join(f"{k} {v:.3f}" for k, v in val["auroc_by_score"].items())
             + ")"
         ),
@@ -341,6 +467,7 @@ def run(args: argparse.Namespace) -> int:
     manifest["metrics"] = {
         "validation": {k: v for k, v in val.items() if k not in ("scores", "labels", "thresholds")},
         "training_seconds": round(time.perf_counter() - t_start, 1),
+        "data_seconds": round(t_data, 1),
         "loss": {"stage1": hist1[-1]["loss"], "stage2": hist2[-1]["loss"]},
     }
     write_package(args.out, nets={"stage1": net1, "stage2": net2}, manifest=manifest)
@@ -351,3 +478,22 @@ def run(args: argparse.Namespace) -> int:
         f"{time.perf_counter() - t_start:.0f}s in all"
     )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pdacscreen.engine.train``: the ``pdacscreen train`` command on its own."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pdacscreen.engine.train", description=__doc__.split("\n")[0]
+    )
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.command_line is None:
+        args.command_line = "pdacscreen train " + " ".join(sys.argv[1:] if argv is None else argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -141,3 +141,103 @@ def test_train_cli_end_to_end(tmp_path):
     assert "validation" in manifest["metrics"] and 0 <= pkg.thresholds.operating <= 1
     card = (out / "README.md").read_text()
     assert "not for clinical use" in card and "pdacscreen train" in card
+
+
+def test_batches_do_not_depend_on_workers(studies):
+    from pdacscreen.engine.trainer import _batches, make_batch_pool, register_draw
+
+    pre = default_manifest()["preprocessing"]
+    draw = make_stage2_draw(studies, patch=(16, 16, 24), batch=2, pre=pre, aug=AugmentConfig())
+    register_draw("test-stage", draw)
+    serial = list(_batches(draw, "test-stage", 9, 5, None, 1))
+    pool = make_batch_pool(2)
+    assert pool is not None
+    try:
+        pooled = list(_batches(draw, "test-stage", 9, 5, pool, 2))
+    finally:
+        pool.terminate()
+    assert len(serial) == len(pooled) == 5
+    for a, b in zip(serial, pooled, strict=True):
+        np.testing.assert_array_equal(a.x, b.x)
+        np.testing.assert_array_equal(a.y, b.y)
+        np.testing.assert_array_equal(a.cls, b.cls)
+    # different steps draw different batches
+    assert not np.array_equal(serial[0].x, serial[1].x)
+
+
+def test_device_choice():
+    from pdacscreen.engine.errors import TrainingError
+    from pdacscreen.engine.trainer import resolve_device
+
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(TrainingError, match="--device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(TrainingError, match="no CUDA GPU"):
+            resolve_device("cuda")
+
+
+def test_time_budget_lowers_the_step_count(studies):
+    set_determinism(1, 1)
+    pre = default_manifest()["preprocessing"]
+    net = build_network(NetworkSpec(out_channels=2, base=4, depth=3))
+    draw = make_stage1_draw(studies, patch=(16, 16, 16), batch=1, pre=pre, aug=NO_AUGMENT)
+    hist = train_stage(
+        net,
+        draw,
+        settings=StageTraining(steps=100_000, log_every=10),
+        seed=1,
+        max_seconds=0.001,
+    )
+    # lowered at step 60 to the minimum the budget allows, and the schedule ended there
+    assert hist[-1]["step"] == 61
+    assert hist[-1]["lr"] < 0.1 * StageTraining(steps=1).lr
+
+
+def test_train_from_phantoms_in_memory(tmp_path):
+    from pdacscreen.engine.train import main
+
+    out = tmp_path / "pkg"
+    rc = main(
+        [
+            "--phantoms",
+            "6",
+            "--phantom-seed",
+            "31",
+            "--matrix",
+            "128",
+            "--out",
+            str(out),
+            "--stage1-steps",
+            "2",
+            "--stage2-steps",
+            "2",
+            "--base1",
+            "4",
+            "--base2",
+            "4",
+            "--val-fraction",
+            "0.5",
+            "--workers",
+            "2",
+        ]
+    )
+    assert rc == 0
+    pkg = load_package(out)
+    td = json.loads((out / "model.json").read_text())["training_data"]
+    assert td["archive"] is None and td["phantoms"]["seed"] == 31 and td["studies"] == 6
+    assert td["training_studies"] + td["validation_studies"] == 6
+    assert td["device"] == "cpu" and td["stage2_steps"] == 2
+    assert td["commands"] == [td["command"]] and "--phantoms 6" in td["command"]
+    assert 0 <= pkg.thresholds.operating <= 1
+    # the same subjects as the archive `pdacscreen phantom --seed 31` writes
+    from pdacscreen.engine.dataset import phantom_training_set
+
+    records, arrays, _ = phantom_training_set(
+        seed=31, studies=4, matrix=128, coarse_mm=(6.0, 6.0, 6.0), fine_mm=(2.0, 2.0, 2.0)
+    )
+    from pdacscreen.io.phantom_archive import study_plan
+
+    assert [r.pdac for r in records] == [study_plan(31, k, 0.5)[1] for k in range(4)]
+    assert all(a["fine_label"].max() >= 1 for a in arrays)
