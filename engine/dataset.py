@@ -265,21 +265,9 @@ def load_cached(path: Path, record: StudyRecord) -> CachedStudy:
 
     Label 2 is kept only for PDAC: a cyst becomes pancreas (label 1).
     """
+    keys = ("coarse_hu", "coarse_label", "fine_hu", "fine_label")
     with np.load(path) as z:
-        fine_label = z["fine_label"]
-        if not record.pdac:
-            fine_label = np.where(fine_label == 2, 1, fine_label).astype(np.uint8)
-        return CachedStudy(
-            series_uid=record.series_uid,
-            coarse_hu=z["coarse_hu"],
-            coarse_label=z["coarse_label"],
-            fine_hu=z["fine_hu"],
-            fine_label=fine_label,
-            pdac=record.pdac,
-            lesion_type=record.lesion_type,
-            lesion_diameter_mm=record.lesion_diameter_mm,
-            fatty_pancreas=record.fatty_pancreas,
-        )
+        return cached_from_arrays({k: z[k] for k in keys}, record)
 
 
 @dataclass(frozen=True)
@@ -379,7 +367,10 @@ def phantom_training_set(
 
 
 def cached_from_arrays(arrays: dict[str, np.ndarray], record) -> CachedStudy:
-    """A :class:`CachedStudy` from in-memory arrays (as :func:`load_cached` does from disk)."""
+    """A :class:`CachedStudy` from the arrays of :func:`preprocess_study` and ``record``'s truth.
+
+    Label 2 is kept only for PDAC: a cyst becomes pancreas (label 1).
+    """
     fine_label = arrays["fine_label"]
     if not record.pdac:
         fine_label = np.where(fine_label == 2, 1, fine_label).astype(np.uint8)

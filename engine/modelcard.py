@@ -75,6 +75,28 @@ def quality_table(assessments: dict) -> str:
     return "\n".join(out)
 
 
+def _source(td: dict) -> str:
+    ph = td.get("phantoms")
+    if ph:
+        return (
+            f"phantoms made in memory: seed {ph.get('seed')}, studies 0-{int(ph.get('studies', 1)) - 1},"
+            f" matrix {ph.get('matrix')} (the subjects `pdacscreen phantom --seed {ph.get('seed')}`"
+            " writes, without the DICOM round trip)"
+        )
+    return f"archive: `{td.get('archive', 'n/a')}`"
+
+
+def _planned(td: dict) -> str:
+    p1, p2 = td.get("stage1_steps_planned"), td.get("stage2_steps_planned")
+    if p1 is None or (p1, p2) == (td.get("stage1_steps"), td.get("stage2_steps")):
+        return ""
+    return f"; planned {p1} and {p2}, lowered to fit `--max-minutes`"
+
+
+def _device(device: str) -> str:
+    return "the CPU" if device == "cpu" else f"a GPU (`{device}`)"
+
+
 def write_model_card(root: Path) -> Path:
     """Write ``README.md`` for the package at ``root`` from model.json (+ assessment.json)."""
     root = Path(root)
@@ -110,10 +132,11 @@ def write_model_card(root: Path) -> Path:
         f"- how: {th['method']}",
         "",
         "## Training data and command",
-        f"- archive: `{td.get('archive', 'n/a')}` ({td.get('studies', 'n/a')} studies: {td.get('by_type', {})});"
+        f"- {_source(td)} ({td.get('studies', 'n/a')} studies: {td.get('by_type', {})});"
         f" training {td.get('training_studies', 'n/a')}, validation {td.get('validation_studies', 'n/a')}",
         f"- seed {td.get('seed', 'n/a')}; steps: stage 1 {td.get('stage1_steps')}, stage 2 {td.get('stage2_steps')}"
-        f" (batch {td.get('batch')}, stage-2 training patch {td.get('stage2_training_patch')})",
+        f" (batch {td.get('batch')}, stage-2 training patch {td.get('stage2_training_patch')})"
+        + _planned(td),
         f"- augmentation: {td.get('augmentation', {})}",
         "- exact commands:",
         "",
@@ -124,7 +147,10 @@ def write_model_card(root: Path) -> Path:
         f"Validation split (same generator, seeds of the training archive): AUROC {_fmt(val.get('auroc'))},"
         f" sensitivity {_fmt(val.get('sensitivity_at_95'))} at the 95%-specificity threshold,"
         f" {_fmt(val.get('sensitivity_at_99'))} at the 99% one ({val.get('studies', 'n/a')} studies).",
-        f"Training took {m.get('metrics', {}).get('training_seconds', 'n/a')} s on the CPU.",
+        f"Training took {m.get('metrics', {}).get('training_seconds', 'n/a')} s in all"
+        f" (data {m.get('metrics', {}).get('data_seconds', 'n/a')} s) on"
+        f" {_device(td.get('device', 'cpu'))}.",
+        *([f"Release: {td['release_note']}."] if td.get("release_note") else []),
         "",
         "## Quality on held-out phantom archives (seeds never used in training)",
         "",

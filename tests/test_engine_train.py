@@ -17,6 +17,12 @@ from pdacscreen.engine.trainer import StageTraining, set_determinism, train_stag
 from pdacscreen.io.ctvolume import CTVolume
 from pdacscreen.io.phantom import make_subject
 
+# Two steps per stage on 4-channel networks: checks the plumbing, not the learning.
+TINY_TRAINING = [
+    *("--stage1-steps", "2", "--stage2-steps", "2"),
+    *("--base1", "4", "--base2", "4", "--val-fraction", "0.5"),
+]
+
 
 @pytest.fixture(scope="module")
 def studies() -> list[CachedStudy]:
@@ -113,25 +119,8 @@ def test_train_cli_end_to_end(tmp_path):
     generate_archive(archive, studies=4, seed=21, matrix=128, workers=1)
     out = tmp_path / "pkg"
     rc = main(
-        [
-            "train",
-            "--archive",
-            str(archive),
-            "--out",
-            str(out),
-            "--stage1-steps",
-            "2",
-            "--stage2-steps",
-            "2",
-            "--base1",
-            "4",
-            "--base2",
-            "4",
-            "--val-fraction",
-            "0.5",
-            "--cache",
-            str(tmp_path / "cache"),
-        ]
+        ["train", "--archive", str(archive), "--out", str(out), *TINY_TRAINING]
+        + ["--cache", str(tmp_path / "cache")]
     )
     assert rc == 0
     pkg = load_package(out)
@@ -209,16 +198,7 @@ def test_train_from_phantoms_in_memory(tmp_path):
             "128",
             "--out",
             str(out),
-            "--stage1-steps",
-            "2",
-            "--stage2-steps",
-            "2",
-            "--base1",
-            "4",
-            "--base2",
-            "4",
-            "--val-fraction",
-            "0.5",
+            *TINY_TRAINING,
             "--workers",
             "2",
         ]
