@@ -357,18 +357,21 @@ class Detector:
         th = self.package.thresholds.operating
         qc = list(job.qc)
         vol = job.volume
-        # The aorta is ~25 mm wide: in-plane voxels of ~1.5 mm are plenty (a strided view, no copy).
-        step = max(1, int(1.5 // min(vol.spacing[1], vol.spacing[2])))
+        # QC on a strided in-plane view (no copy) of about 2 mm: the aorta is ~25 mm wide, and the
+        # noise estimate (local SD in homogeneous tissue) needs no finer grid; on a 512 matrix this
+        # quarters the cost and moves the noise estimate towards the nominal (correlated) noise.
+        step = max(1, int(2.0 // min(vol.spacing[1], vol.spacing[2])))
+        sub = vol.array[:, ::step, ::step]
         sub_aff = vol.affine.copy()
         sub_aff[:3, 1:3] *= step
         try:
-            bp = blood_pool_hu(vol.array[:, ::step, ::step], sub_aff, backend=self.kernel_backend)
+            bp = blood_pool_hu(sub, sub_aff, backend=self.kernel_backend)
             if float(bp) > post.contrast_blood_pool_hu:
                 qc.append("contrast_phase")
         except PdacscreenError as e:
             log.debug("blood pool measurement failed: %s", e)
         try:
-            if float(noise_hu(job.volume.array, backend=self.kernel_backend)) > post.noise_hu_max:
+            if float(noise_hu(sub, backend=self.kernel_backend)) > post.noise_hu_max:
                 qc.append("high_noise")
         except PdacscreenError as e:
             log.debug("noise measurement failed: %s", e)
