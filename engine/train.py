@@ -311,6 +311,8 @@ def _load_data(args, st1: dict, st2: dict, work: Path):
         train_recs, val_recs = split_records(records, fraction=args.val_fraction, seed=args.seed)
         at = {r.series_uid: r.index for r in records}
         studies = [cached_from_arrays(arrays[at[r.series_uid]], r) for r in train_recs]
+        keep = {at[r.series_uid] for r in val_recs}
+        volumes = [v if k in keep else None for k, v in enumerate(volumes)]  # free training scans
 
         def val_cases():
             for r in val_recs:
