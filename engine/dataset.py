@@ -15,6 +15,9 @@ Each study becomes one cached ``.npz`` (preprocessed once, reused by every epoch
 * the truth (``pdac``, ``lesion_type`` ...) is not cached: it comes from the truth table's record.
 
 Volumes are resampled with :mod:`pdacscreen.kernels` (labels by nearest neighbour, ``order=0``).
+
+:func:`phantom_training_set` makes the same arrays in memory from the phantom generator (no
+DICOM, no disk cache), for ``pdacscreen train --phantoms N``.
 """
 
 from __future__ import annotations

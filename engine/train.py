@@ -291,7 +291,10 @@ def _phantom_command(archive: Path, studies: int) -> str:
 
 
 def _load_data(args, st1: dict, st2: dict, work: Path):
-    """(records, training studies, validation records, validation cases factory)."""
+    """``(records, training studies, training records, validation records, val_cases)``.
+
+    ``val_cases()`` yields ``(volume, record)`` of the validation split for :func:`_validate`.
+    """
     coarse_mm, fine_mm = tuple(st1["spacing_mm"]), tuple(st2["spacing_mm"])
     if args.phantoms is not None:
         from pdacscreen.io.ctvolume import CTVolume
