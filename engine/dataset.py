@@ -16,7 +16,7 @@ Each study becomes one cached ``.npz`` (preprocessed once, reused by every epoch
 
 Volumes are resampled with :mod:`pdacscreen.kernels` (labels by nearest neighbour, ``order=0``).
 
-:func:`phantom_training_set` makes the same arrays in memory from the phantom generator (no
+:func:`phantom_records` and :func:`make_phantom_studies` make the same arrays in memory from the phantom generator (no
 DICOM, no disk cache), for ``pdacscreen train --phantoms N``.
 """
 
@@ -38,7 +38,8 @@ from pdacscreen.io.ctvolume import CTVolume, voxel_to_world
 __all__ = [
     "StudyRecord",
     "PhantomRecord",
-    "phantom_training_set",
+    "phantom_records",
+    "make_phantom_studies",
     "CachedStudy",
     "archive_records",
     "load_study",
@@ -295,78 +296,102 @@ class PhantomRecord:
         return self.lesion_type == "pdac"
 
 
-def _phantom_study(args: tuple) -> tuple[dict, dict[str, np.ndarray], tuple]:
-    """Worker: make subject ``index`` of ``seed`` and preprocess it like a cached study."""
-    from pdacscreen.io.phantom import make_subject
+def phantom_records(*, seed: int, studies: int, pdac_fraction: float = 0.5) -> list[PhantomRecord]:
+    """The records of studies ``0..studies-1`` of ``seed`` from their drawn findings alone
+    (no subject is rendered), so the split can be made before the studies are."""
+    from pdacscreen.io.phantom import subject_findings
     from pdacscreen.io.phantom_archive import study_plan
 
-    seed, index, matrix, pdac_fraction, coarse_mm, fine_mm = args
-    sub_seed, is_pdac = study_plan(seed, index, pdac_fraction)
-    sub = make_subject(sub_seed, matrix=matrix, pdac=is_pdac)
+    if studies < 4:
+        raise TrainingError(f"--phantoms needs at least 4 studies, got {studies}")
+    records = []
+    for k in range(studies):
+        sub_seed, is_pdac = study_plan(seed, k, pdac_fraction)
+        f = subject_findings(sub_seed, pdac=is_pdac)
+        records.append(
+            PhantomRecord(
+                study_uid=f"phantom-s{seed}-k{k}",
+                series_uid=f"phantom-s{seed}-k{k:05d}",
+                lesion_type=f.lesion_type,
+                lesion_diameter_mm=float(f.lesion_diameter_mm or 0.0),
+                fatty_pancreas=bool(f.fatty_pancreas),
+                index=k,
+                truth=dict(f.__dict__, subject_seed=sub_seed),
+            )
+        )
+    return records
+
+
+def _phantom_study(args: tuple) -> tuple[str, dict[str, np.ndarray], tuple | None]:
+    """Worker: render one subject and preprocess it like a cached study; the raw volume
+    ``(hu int16, spacing, affine)`` only when asked for (validation), so training scans stay
+    in the worker."""
+    from pdacscreen.io.phantom import make_subject
+
+    sub_seed, lesion_type, matrix, coarse_mm, fine_mm, keep_volume = args
+    # pdac=, as `pdacscreen phantom` does: the same subject as the archive's study
+    sub = make_subject(sub_seed, matrix=matrix, pdac=lesion_type == "pdac")
     volume = CTVolume(sub.noncontrast, sub.spacing, sub.affine, series_instance_uid="phantom")
     arrays = preprocess_study(volume, sub.labels, coarse_mm=coarse_mm, fine_mm=fine_mm)
-    raw = (sub.noncontrast.astype(np.int16), tuple(sub.spacing), np.asarray(sub.affine))
-    return dict(sub.truth), arrays, raw
+    raw = None
+    if keep_volume:
+        raw = (sub.noncontrast.astype(np.int16), tuple(sub.spacing), np.asarray(sub.affine))
+    return str(sub.truth.get("lesion_type")), arrays, raw
 
 
-def phantom_training_set(
+def make_phantom_studies(
+    records: list[PhantomRecord],
     *,
-    seed: int,
-    studies: int,
     matrix: int,
     coarse_mm: tuple,
     fine_mm: tuple,
-    pdac_fraction: float = 0.5,
+    keep_volumes: set[int] = frozenset(),
     workers: int = 1,
     progress: Callable[[int, int], None] | None = None,
-) -> tuple[list[PhantomRecord], list[dict[str, np.ndarray]], list[tuple]]:
-    """Make ``studies`` phantom subjects in memory and preprocess them (see :class:`PhantomRecord`).
+) -> tuple[list[dict[str, np.ndarray]], dict[int, tuple]]:
+    """Render and preprocess the subjects of ``records`` (see :class:`PhantomRecord`).
 
-    Returns ``(records, arrays, volumes)``, index-aligned: the cached-study arrays of
-    :func:`preprocess_study` and the raw volume ``(hu int16, spacing, affine)`` of each study
-    (the validation split runs the packaged detector on it).  Parallel over ``workers``
-    processes; the result does not depend on ``workers``.
+    Returns the cached-study arrays of :func:`preprocess_study` (index-aligned with
+    ``records``) and ``{record.index: (hu int16, spacing, affine)}`` for the indices in
+    ``keep_volumes``.  Parallel over ``workers`` processes; the result does not depend on it.
     """
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    if studies < 4:
-        raise TrainingError(f"--phantoms needs at least 4 studies, got {studies}")
     jobs = [
-        (seed, k, matrix, pdac_fraction, tuple(coarse_mm), tuple(fine_mm)) for k in range(studies)
+        (
+            int(r.truth["subject_seed"]),
+            r.lesion_type,
+            matrix,
+            tuple(coarse_mm),
+            tuple(fine_mm),
+            r.index in keep_volumes,
+        )
+        for r in records
     ]
     if workers <= 1:
-        results = []
-        for i, job in enumerate(jobs):
-            results.append(_phantom_study(job))
-            if progress is not None:
-                progress(i + 1, len(jobs))
+        results = map(_phantom_study, jobs)
     else:
         # fork: the workers use NumPy only (the caller has not initialised CUDA yet).
         ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            results = []
-            for i, res in enumerate(pool.map(_phantom_study, jobs, chunksize=1)):
-                results.append(res)
-                if progress is not None:
-                    progress(i + 1, len(jobs))
-    records, arrays, volumes = [], [], []
-    for k, (truth, arr, raw) in enumerate(results):
-        lesion_type = str(truth.get("lesion_type") or "none")
-        records.append(
-            PhantomRecord(
-                study_uid=f"phantom-s{seed}-k{k}",
-                series_uid=f"phantom-s{seed}-m{matrix}-k{k:05d}",
-                lesion_type=lesion_type,
-                lesion_diameter_mm=float(truth.get("lesion_diameter_mm") or 0.0),
-                fatty_pancreas=bool(truth.get("fatty_pancreas", False)),
-                index=k,
-                truth=truth,
-            )
-        )
-        arrays.append(arr)
-        volumes.append(raw)
-    return records, arrays, volumes
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+        results = pool.map(_phantom_study, jobs, chunksize=1)
+    arrays, volumes = [], {}
+    try:
+        for i, (rec, (lesion_type, arr, raw)) in enumerate(zip(records, results, strict=True)):
+            if lesion_type != rec.lesion_type:  # the findings draw and the subject disagree
+                raise TrainingError(
+                    f"{rec.series_uid}: made a {lesion_type!r} subject, planned {rec.lesion_type!r}"
+                )
+            arrays.append(arr)
+            if raw is not None:
+                volumes[rec.index] = raw
+            if progress is not None:
+                progress(i + 1, len(records))
+    finally:
+        if workers > 1:
+            pool.shutdown()
+    return arrays, volumes
 
 
 def cached_from_arrays(arrays: dict[str, np.ndarray], record) -> CachedStudy:

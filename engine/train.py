@@ -36,7 +36,8 @@ from pdacscreen.engine.dataset import (
     cached_from_arrays,
     load_cached,
     load_study,
-    phantom_training_set,
+    make_phantom_studies,
+    phantom_records,
 )
 from pdacscreen.engine.errors import TrainingError
 from pdacscreen.engine.network import NetworkSpec, build_network
@@ -299,27 +300,26 @@ def _load_data(args, st1: dict, st2: dict, work: Path):
     if args.phantoms is not None:
         from pdacscreen.io.ctvolume import CTVolume
 
-        records, arrays, volumes = phantom_training_set(
-            seed=args.phantom_seed,
-            studies=args.phantoms,
+        records = phantom_records(
+            seed=args.phantom_seed, studies=args.phantoms, pdac_fraction=args.pdac_fraction
+        )
+        train_recs, val_recs = split_records(records, fraction=args.val_fraction, seed=args.seed)
+        arrays, volumes = make_phantom_studies(
+            records,
             matrix=args.matrix,
             coarse_mm=coarse_mm,
             fine_mm=fine_mm,
-            pdac_fraction=args.pdac_fraction,
+            keep_volumes={r.index for r in val_recs},
             workers=args.workers,
             progress=lambda i, n: (
                 log.info("phantom %d/%d", i, n) if i % 20 == 0 or i == n else None
             ),
         )
-        train_recs, val_recs = split_records(records, fraction=args.val_fraction, seed=args.seed)
-        at = {r.series_uid: r.index for r in records}
-        studies = [cached_from_arrays(arrays[at[r.series_uid]], r) for r in train_recs]
-        keep = {at[r.series_uid] for r in val_recs}
-        volumes = [v if k in keep else None for k, v in enumerate(volumes)]  # free training scans
+        studies = [cached_from_arrays(arrays[r.index], r) for r in train_recs]
 
         def val_cases():
             for r in val_recs:
-                hu, spacing, affine = volumes[at[r.series_uid]]
+                hu, spacing, affine = volumes[r.index]
                 vol = CTVolume(
                     hu.astype(np.float32), spacing, affine, series_instance_uid=r.series_uid
                 )

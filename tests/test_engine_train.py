@@ -211,13 +211,20 @@ def test_train_from_phantoms_in_memory(tmp_path):
     assert td["device"] == "cpu" and td["stage2_steps"] == 2
     assert td["commands"] == [td["command"]] and "--phantoms 6" in td["command"]
     assert 0 <= pkg.thresholds.operating <= 1
-    # the same subjects as the archive `pdacscreen phantom --seed 31` writes
-    from pdacscreen.engine.dataset import phantom_training_set
-
-    records, arrays, _ = phantom_training_set(
-        seed=31, studies=4, matrix=128, coarse_mm=(6.0, 6.0, 6.0), fine_mm=(2.0, 2.0, 2.0)
-    )
+    # the same subjects as the archive `pdacscreen phantom --seed 31` writes; the records come
+    # from the findings draw alone and agree with the rendered subjects
+    from pdacscreen.engine.dataset import make_phantom_studies, phantom_records
+    from pdacscreen.io.phantom import make_subject
     from pdacscreen.io.phantom_archive import study_plan
 
+    records = phantom_records(seed=31, studies=4)
     assert [r.pdac for r in records] == [study_plan(31, k, 0.5)[1] for k in range(4)]
-    assert all(a["fine_label"].max() >= 1 for a in arrays)
+    for r in records:
+        sub = make_subject(r.truth["subject_seed"], matrix=128, pdac=r.pdac)
+        assert sub.truth["lesion_type"] == r.lesion_type
+        assert sub.truth["fatty_pancreas"] == r.fatty_pancreas
+    arrays, volumes = make_phantom_studies(
+        records, matrix=128, coarse_mm=(6.0, 6.0, 6.0), fine_mm=(2.0, 2.0, 2.0), keep_volumes={2}
+    )
+    assert len(arrays) == 4 and all(a["fine_label"].max() >= 1 for a in arrays)
+    assert set(volumes) == {2} and volumes[2][0].dtype == np.int16
