@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pdacscreen.io.errors import InputError, PdacscreenError
+from pdacscreen.io.errors import ErrorCode, InputError, PdacscreenError
 
 __all__ = [
     "EngineError",
@@ -17,25 +17,25 @@ __all__ = [
 class EngineError(PdacscreenError):
     """Base class of engine errors."""
 
-    code = "engine_error"
+    code = ErrorCode.ENGINE_ERROR
 
 
 class ModelPackageError(EngineError):
     """A model package is missing a file or field, or a file's sha256 does not match model.json."""
 
-    code = "bad_model_package"
+    code = ErrorCode.BAD_MODEL_PACKAGE
 
 
 class BackendUnavailableError(EngineError):
     """An explicitly requested inference backend cannot run on this machine."""
 
-    code = "backend_unavailable"
+    code = ErrorCode.BACKEND_UNAVAILABLE
 
 
 class InferenceError(EngineError):
     """Inference failed for one study. ``index`` is its position in a ``detect_batch`` call."""
 
-    code = "inference_failed"
+    code = ErrorCode.INFERENCE_FAILED
 
     def __init__(self, message: str, *, code: str | None = None, index: int | None = None) -> None:
         super().__init__(message, code=code)
@@ -45,10 +45,10 @@ class InferenceError(EngineError):
 class EngineInputError(InputError, EngineError):
     """A caller passed a bad argument to an engine function (names field, value, allowed)."""
 
-    code = "bad_input"
+    code = ErrorCode.BAD_INPUT
 
 
 class TrainingError(EngineError):
     """Training data or training arguments that cannot produce a model."""
 
-    code = "training_failed"
+    code = ErrorCode.TRAINING_FAILED

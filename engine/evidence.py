@@ -3,7 +3,7 @@
 ``write_evidence(result, volume, out_dir)`` writes
 
 * ``pancreas_mask.nii.gz`` and ``lesion_mask.nii.gz``: uint8 masks in the series' own grid
-  (shape and affine of the series, via :func:`pdacscreen.io.ctvolume.nifti_affine`; data stored
+  (shape and affine of the series, via :func:`pdacscreen.io.types.nifti_affine`; data stored
   ``(x, y, z)`` as NIfTI expects), resampled from the stage-2 crop by nearest neighbour;
 * ``key.png``: the axial slice through the largest lesion (else the pancreas centre), window
   W400/L40, lesion probability as a red overlay, pancreas outline in green, and a caption.
@@ -20,7 +20,7 @@ from scipy import ndimage
 
 from pdacscreen.engine.errors import EngineError
 from pdacscreen.engine.inference import StudyResult
-from pdacscreen.io.ctvolume import CTVolume, nifti_affine, world_to_voxel
+from pdacscreen.io.types import CTVolume, nifti_affine, world_to_voxel
 
 __all__ = ["write_evidence", "masks_in_series_grid"]
 

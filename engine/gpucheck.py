@@ -40,8 +40,8 @@ def _time_batches(backend, batch: np.ndarray, repeats: int) -> float:
 def check(*, model: Path | None, repeats: int, study_matrix: int, cache_dir: Path | None) -> dict:
     """Run the timings (see module docstring); returns a JSON-serialisable report."""
     from pdacscreen.engine.inference import Detector
-    from pdacscreen.io.ctvolume import CTVolume
-    from pdacscreen.io.phantom import make_subject
+    from pdacscreen.io.phantom.subject import make_subject
+    from pdacscreen.io.types import CTVolume
 
     package = load_package(model)
     stage = package.stage2

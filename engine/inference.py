@@ -37,8 +37,8 @@ from pdacscreen.engine.postprocess import (
     softmax,
 )
 from pdacscreen.engine.tiling import Blender, TilePlan, extract_patch, pad_to_plan, plan_tiles
-from pdacscreen.io.ctvolume import CTVolume
 from pdacscreen.io.errors import PdacscreenError
+from pdacscreen.io.types import CTVolume
 
 __all__ = ["Detector", "StudyResult", "StudyMasks", "FINDINGS_COLUMNS"]
 

@@ -328,7 +328,7 @@ def default_manifest(*, name: str = "pdacscreen-reference", version: str = "0.0.
     """The reference settings as a model.json skeleton (no files, untrained thresholds).
 
     Training fills ``thresholds``, ``training_data`` and ``metrics``; :func:`write_package` in
-    :mod:`pdacscreen.engine.export` fills ``files`` and each stage's ``onnx``/``weights``/``network``.
+    :mod:`pdacscreen.engine.training.export` fills ``files`` and each stage's ``onnx``/``weights``/``network``.
     """
     return {
         "format": FORMAT,

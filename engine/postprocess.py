@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pdacscreen.io.ctvolume import voxel_to_world
+from pdacscreen.io.types import voxel_to_world
 
 __all__ = [
     "Localisation",

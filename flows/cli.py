@@ -16,12 +16,16 @@ from pathlib import Path
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "phantom": ("pdacscreen.io.phantom_cli", "write a synthetic CT archive with ground truth"),
-    "index": ("pdacscreen.io.index", "crawl an archive into a Parquet index (incremental)"),
-    "select": ("pdacscreen.io.select", "choose each study's non-contrast series from an index"),
-    "volume": ("pdacscreen.io.volume", "convert one series to a NIfTI volume in HU"),
-    "train": ("pdacscreen.engine.train", "train the reference model on a phantom archive"),
-    "sweep": ("pdacscreen.flows.sweep", "run a nightly sweep (Prefect flow, Ray fan-out)"),
+    "phantom": ("pdacscreen.flows.cli_phantom", "write a synthetic CT archive with ground truth"),
+    "index": ("pdacscreen.flows.cli_index", "crawl an archive into a Parquet index (incremental)"),
+    "select": (
+        "pdacscreen.flows.cli_select",
+        "choose each study's non-contrast series from an index",
+    ),
+    "volume": ("pdacscreen.flows.cli_volume", "convert one series to a NIfTI volume in HU"),
+    "train": ("pdacscreen.flows.cli_train", "train the reference model on a phantom archive"),
+    "assess": ("pdacscreen.flows.cli_assess", "assess a model package on held-out phantoms"),
+    "sweep": ("pdacscreen.flows.cli_sweep", "run a nightly sweep (Prefect flow, Ray fan-out)"),
     "serve": ("pdacscreen.flows.deploy", "serve the nightly sweep deployment on a cron schedule"),
     "query": ("pdacscreen.flows.query", "run SQL over a findings store (DuckDB)"),
     "evaluate": ("pdacscreen.flows.evaluate", "evaluate findings against reference labels"),

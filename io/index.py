@@ -13,7 +13,7 @@ returns only present files; :func:`read_removed` lists the files that disappeare
 reads and writes in proportion to the number of changes; only the directory walk (``stat``) touches
 every file.  Parts are compacted into one when there are more than :data:`COMPACT_AFTER`.
 
-Rows follow :data:`pdacscreen.io.dicomio.INDEX_COLUMNS` plus ``present``, ``run_id`` and
+Rows follow :data:`pdacscreen.io.dicom.read.INDEX_COLUMNS` plus ``present``, ``run_id`` and
 ``indexed_at``.  ``patient_key`` is a keyed hash of PatientID (:mod:`pdacscreen.io.pseudonym`);
 the ID itself is never stored.  Bad files are rows with ``status == "error"`` and an
 ``error_code``; the crawl never stops for them.  Header reads run in Dask worker processes.
@@ -21,7 +21,6 @@ the ID itself is never stored.  Bad files are rows with ``status == "error"`` an
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import json
 import logging
@@ -30,7 +29,7 @@ import os
 import time
 from collections.abc import Iterator
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -38,9 +37,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pdacscreen.io.dicomio import INDEX_COLUMNS, drop_worker_pool, header_row, worker_pool
+from pdacscreen.io.dicom.read import INDEX_COLUMNS, drop_worker_pool, header_row, worker_pool
 from pdacscreen.io.errors import InputError, PseudonymKeyError
-from pdacscreen.io.pseudonym import key_fingerprint, resolve_key
+from pdacscreen.io.pseudonym import check_key, key_fingerprint
 
 __all__ = ["INDEX_SCHEMA", "IndexUpdate", "read_index", "read_removed", "update_index"]
 
@@ -226,14 +225,14 @@ def _compact(index_dir: Path, run_id: int) -> None:
 
 
 def update_index(
-    archive: Path, index_dir: Path, *, key: bytes | None = None, workers: int | None = None
+    archive: Path, index_dir: Path, *, key: bytes, workers: int | None = None
 ) -> IndexUpdate:
     """Bring the index in ``index_dir`` up to date with the files under ``archive``.
 
     Reads headers only of files that are new or changed (path, size, mtime_ns), records files
     that disappeared, and never stops for a bad file.  ``workers``: Dask worker processes
-    (default: the CPUs this process may use).  ``key``: pseudonym key (default: see
-    :func:`pdacscreen.io.pseudonym.resolve_key`); it must match the one the index was built with.
+    (default: the CPUs this process may use).  ``key``: the pseudonym key (resolved once by the caller,
+    :func:`pdacscreen.io.pseudonym.load_key`); it must match the one the index was built with.
     """
     t0 = time.perf_counter()
     archive, index_dir = Path(archive).resolve(), Path(index_dir).resolve()
@@ -247,7 +246,7 @@ def update_index(
         )
     if workers < 1:
         raise InputError(f"workers must be >= 1, got {workers}")
-    key = resolve_key(key)
+    key = check_key(key)
     (index_dir / "parts").mkdir(parents=True, exist_ok=True)
     with open(index_dir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -300,37 +299,3 @@ def update_index(
 def _next_run_id(index_dir: Path) -> int:
     parts = _parts(index_dir)
     return int(parts[-1].stem.split("-")[1]) + 1 if parts else 1
-
-
-# --- CLI -------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("archive", type=Path, help="folder tree of DICOM files (any depth)")
-    parser.add_argument(
-        "--index", type=Path, required=True, help="index folder (created if absent)"
-    )
-    parser.add_argument(
-        "--workers", type=int, default=None, help="worker processes (default: CPUs)"
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    console = Console()
-    upd = update_index(args.archive, args.index, workers=args.workers)
-    df = read_index(args.index)
-    console.print(
-        f"[bold]index[/bold] {args.index}: "
-        + ", ".join(
-            f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in asdict(upd).items()
-        )
-    )
-    if len(df):
-        counts = df.groupby(df["error_code"].fillna("ok")).size().to_dict()
-        console.print(
-            f"files by status: {counts}; series: {df['series_instance_uid'].nunique()}, "
-            f"studies: {df['study_instance_uid'].nunique()}"
-        )
-    return 0

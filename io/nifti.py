@@ -2,7 +2,7 @@
 
 pdacscreen arrays are ``(z, y, x)`` with an affine from index ``(k, j, i)`` to LPS mm; NIfTI wants
 ``(x, y, z)`` data with an affine from ``(i, j, k)`` to RAS mm.  :func:`write_nifti` transposes the
-data and converts the affine with :func:`pdacscreen.io.ctvolume.nifti_affine`; the affine goes into
+data and converts the affine with :func:`pdacscreen.io.types.nifti_affine`; the affine goes into
 the sform (code 1, scanner) and qform (nibabel keeps the closest rigid part of a sheared affine,
 e.g. for a gantry-tilted series, so readers should prefer the sform).
 """
@@ -14,8 +14,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from pdacscreen.io.ctvolume import CTVolume, nifti_affine
 from pdacscreen.io.errors import InputError
+from pdacscreen.io.types import CTVolume, nifti_affine
 
 __all__ = ["read_nifti", "write_labels", "write_nifti"]
 

@@ -1,4 +1,4 @@
-"""Series selection: per study, the series the non-contrast engine reads; and the image phase check.
+"""Series selection: per study, the series the non-contrast engine reads (rules and ranking only).
 
 Rules are declarative and versioned (:file:`selection_rules.json`, overridable by a JSON file that
 changes only some keys).  :func:`select_series` groups an index (see :mod:`pdacscreen.io.index`)
@@ -13,15 +13,15 @@ languages: "nativ", "w/o", "NC", "sin contraste", "ohne KM", ...); if none match
 patterns ("PV", "arterial", "C+", "KM", ...) reject the series.  A ContrastBolusAgent (other than
 "none"-like values) with a neutral description rejects it under ``contrast_agent_policy:
 "reject"``; under the default "demote" (DOMAIN.md: the tag is often wrong) the series stays
-eligible but ranks after every other candidate, and the image phase check has the last word.  Because tags are often wrong, :func:`check_phase` checks
-the loaded image itself: blood-pool attenuation above ``contrast_min_hu`` means contrast, and the
-rule ``on_phase_mismatch`` ("flag" or "reject") says what happens to a series whose tags said
-non-contrast.
+eligible but ranks after every other candidate, and the image phase check has the last word.
+Because tags are often wrong, the loader measures the image itself once
+(:func:`pdacscreen.kernels.measure.measure_phase`, with this file's ``phase_check`` thresholds), and
+:meth:`PhaseRules.action` says what happens to a series whose image shows contrast although its
+tags said non-contrast (``on_phase_mismatch``: "flag" or "reject").
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -32,18 +32,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pdacscreen.io.ctvolume import CTVolume
 from pdacscreen.io.errors import InputError
 
 __all__ = [
     "DEFAULT_RULES",
-    "PhaseCheck",
     "PhaseRules",
     "SelectionRules",
     "SeriesCandidate",
     "StudySelection",
-    "blood_pool_hu",
-    "check_phase",
     "load_rules",
     "select_series",
 ]
@@ -61,6 +57,11 @@ class PhaseRules:
     noncontrast_max_hu: float = 70.0
     contrast_min_hu: float = 100.0
     on_phase_mismatch: str = "flag"
+
+    def action(self, estimate: str) -> str:
+        """What happens to a series the rules chose as non-contrast, given its image's phase:
+        "accept" (non-contrast or indeterminate), else ``on_phase_mismatch`` ("flag" | "reject")."""
+        return self.on_phase_mismatch if estimate == "contrast" else "accept"
 
 
 @dataclass(frozen=True)
@@ -371,181 +372,3 @@ def select_series(
 
 
 # --- phase check from the image -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PhaseCheck:
-    """Phase from the image. ``estimate``: "non_contrast" | "contrast" | "indeterminate";
-    ``blood_pool_hu``: robust blood-pool attenuation (HU, NaN when not found); ``mismatch``: the
-    image says contrast although the series was selected as non-contrast; ``action``: "accept" |
-    "flag" | "reject" (from the rule ``on_phase_mismatch``)."""
-
-    estimate: str
-    blood_pool_hu: float
-    n_slices: int
-    mismatch: bool
-    action: str
-    reason: str
-    rules_version: str
-
-
-def _disc(radius_px: tuple[float, float]) -> np.ndarray:
-    ry, rx = max(radius_px[0], 1.0), max(radius_px[1], 1.0)
-    y, x = np.mgrid[-int(ry) : int(ry) + 1, -int(rx) : int(rx) + 1]
-    disc = ((y / ry) ** 2 + (x / rx) ** 2 <= 1.0).astype(np.float32)
-    return disc / disc.sum()
-
-
-def _spine_window(
-    bone: np.ndarray,
-    body: np.ndarray,
-    *,
-    py: float,
-    px: float,
-    col_dir: np.ndarray,
-    row_dir: np.ndarray,
-) -> np.ndarray | None:
-    """In-plane mask 8-75 mm anterior and -30..+45 mm left of the vertebral body, or None."""
-    from scipy import ndimage as ndi
-
-    lab, nb = ndi.label(bone & body)
-    if nb == 0 or not body.any():
-        return None
-    ids = np.arange(1, nb + 1)
-    cms = ndi.center_of_mass(bone, lab, ids)
-    sizes = ndi.sum_labels(bone, lab, ids)
-    bcy, bcx = ndi.center_of_mass(body)
-    ant, left = np.array([0.0, -1.0, 0.0]), np.array([1.0, 0.0, 0.0])
-    best = None
-    for (cy, cx), sz in zip(cms, sizes, strict=True):
-        if sz * py * px < 300.0:  # < 3 cm2: a rib or a calcification, not a vertebra
-            continue
-        v = (cy - bcy) * py * col_dir + (cx - bcx) * px * row_dir
-        score = abs(v @ left) + max(v @ ant, 0.0)  # near the midline, posterior
-        if best is None or score < best[0]:
-            best = (score, cy, cx)
-    if best is None:
-        return None
-    _, cy, cx = best
-    jj, ii = np.mgrid[0 : bone.shape[0], 0 : bone.shape[1]]
-    vec = ((jj - cy) * py)[..., None] * col_dir + ((ii - cx) * px)[..., None] * row_dir
-    a, lft = vec @ ant, vec @ left
-    return (a > 8) & (a < 75) & (lft > -30) & (lft < 45)
-
-
-def blood_pool_hu(
-    volume: CTVolume, *, disc_mm: float = 4.0, slab_mm: float = 80.0
-) -> tuple[float, int]:
-    """Blood-pool attenuation (HU) of a volume, and the number of slices it was measured on.
-
-    Looks for the aorta as the brightest column that is homogeneous along z: on a central slab
-    (``slab_mm`` along z, slices at least 2 mm apart, in-plane pixels ~1.5 mm) every in-plane
-    position gets the mean over a disc of radius ``disc_mm`` on each slice; positions whose disc
-    stays in soft tissue (-50..600 HU) on every slice, more than 3 mm from bone (> 400 HU, holes
-    filled), with an SD along z < 25 HU and in-plane SD < 40 HU are candidates; vertebrae and
-    intervertebral discs alternate along z and fail.  With a vertebral body found, candidates
-    are limited to 8-75 mm anterior and -30..+45 mm to the patient's left of it (aorta, IVC).
-    The estimate is the mean of the brightest 0.5 cm2 of candidates.  NaN when none is found.
-    """
-    from scipy import ndimage as ndi
-
-    arr, aff = volume.array, volume.affine
-    nz = arr.shape[0]
-    dz, dy, dx = volume.spacing
-    kz = max(1, int(round(2.0 / dz)))
-    sy, sx = max(1, int(round(1.5 / dy))), max(1, int(round(1.5 / dx)))
-    py, px, mm = dy * sy, dx * sx, min(dy * sy, dx * sx)
-    n_slab = max(3, min(nz, int(round(slab_mm / dz))))
-    k0 = max(0, nz // 2 - n_slab // 2)
-    slab = np.asarray(arr[k0 : k0 + n_slab : kz, ::sy, ::sx], dtype=np.float32)
-    if slab.shape[0] < 2:
-        return float("nan"), 0
-    disc = _disc((disc_mm / py, disc_mm / px))
-    mean = ndi.convolve(slab, disc[None], mode="nearest")
-    sd = np.sqrt(np.maximum(ndi.convolve(slab * slab, disc[None], mode="nearest") - mean**2, 0))
-    soft = ndi.binary_erosion((slab > -50) & (slab < 600), structure=disc[None] > 0).all(0)
-    grow = max(1, int(round(2.0 / mm)))
-    bone = ndi.binary_fill_holes(ndi.binary_closing((slab > 400).any(0), iterations=grow))
-    bone_ex = ndi.binary_dilation(bone, iterations=max(1, int(round(3.0 / mm))))
-    ok = soft & ~bone_ex & (mean.std(0) < 25.0) & (sd.mean(0) < 40.0)
-    window = _spine_window(
-        bone, (slab > -400).all(0), py=py, px=px, col_dir=aff[:3, 1] / dy, row_dir=aff[:3, 2] / dx
-    )
-    if window is not None:
-        ok &= window
-    if not ok.any():
-        return float("nan"), 0
-    vals = np.sort(mean.mean(0)[ok])[::-1]
-    top = max(1, int(round(50.0 / (py * px))))
-    return float(vals[:top].mean()), int(slab.shape[0])
-
-
-def check_phase(volume: CTVolume, rules: SelectionRules | None = None) -> PhaseCheck:
-    """Phase of a loaded series from its blood pool; a contrast image is a mismatch (the series
-    was selected as non-contrast) handled by ``rules.phase_check.on_phase_mismatch``."""
-    rules = rules or load_rules()
-    pc = rules.phase_check
-    hu, n = blood_pool_hu(volume)
-    if n == 0 or not np.isfinite(hu):
-        est = "indeterminate"
-    elif hu >= pc.contrast_min_hu:
-        est = "contrast"
-    elif hu <= pc.noncontrast_max_hu:
-        est = "non_contrast"
-    else:
-        est = "indeterminate"
-    mismatch = est == "contrast"
-    action = pc.on_phase_mismatch if mismatch else "accept"
-    reason = (
-        f"blood pool {hu:.0f} HU >= {pc.contrast_min_hu:g} HU: the image shows contrast "
-        "although the tags say non-contrast"
-        if mismatch
-        else f"blood pool {hu:.0f} HU on {n} slices: {est}"
-    )
-    return PhaseCheck(
-        estimate=est,
-        blood_pool_hu=round(hu, 1) if np.isfinite(hu) else hu,
-        n_slices=n,
-        mismatch=mismatch,
-        action=action,
-        reason=reason,
-        rules_version=rules.version,
-    )
-
-
-# --- CLI -------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--index", type=Path, required=True, help="index folder")
-    parser.add_argument("--rules", type=Path, default=None, help="rules JSON (default: shipped)")
-    parser.add_argument("--out", type=Path, default=None, help="write selections as JSON lines")
-
-
-def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from pdacscreen.io.index import read_index
-
-    console = Console()
-    rules = load_rules(args.rules)
-    sels = select_series(read_index(args.index), rules=rules)
-    table = Table(title=f"series selection (rules {rules.version})")
-    for col in ("study", "status", "series", "files", "rejected"):
-        table.add_column(col)
-    for s in sels:
-        table.add_row(
-            s.study_instance_uid[-24:],
-            s.status,
-            (s.series_instance_uid or "-")[-24:],
-            str(len(s.files)),
-            str(len(s.rejections)),
-        )
-    console.print(table)
-    if args.out is not None:
-        with open(args.out, "w", encoding="utf-8") as f:
-            for s in sels:
-                f.write(json.dumps(asdict(s), default=str) + "\n")
-        console.print(f"wrote {args.out}")
-    return 0

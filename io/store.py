@@ -51,7 +51,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from pdacscreen.io.errors import FindingsSchemaError, StoreError, StoreLockedError
+from pdacscreen.io.errors import FindingsSchemaError, Status, StoreError, StoreLockedError
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -70,7 +70,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-STATUSES = ("ok", "failed", "skipped")
+STATUSES = tuple(Status)  # ok, not_assessable, skipped, failed (see io/errors.Status)
 STAGES = ("index", "select", "load", "preprocess", "inference", "write")
 SCOPES = ("file", "series", "study")
 _STR, _F64 = pa.string(), pa.float64()
@@ -94,7 +94,16 @@ FINDINGS_COLUMNS: dict[str, tuple[pa.DataType, bool, str]] = {
     "slice_thickness_mm": (_F64, True, "DICOM SliceThickness of the analysed series, mm"),
     "model_name": (_STR, True, "name of the model package that produced the row"),
     "model_version": (_STR, False, "version of the model package"),
-    "config_hash": (_STR, False, "hash of the resolved sweep/engine configuration"),
+    "config_hash": (
+        _STR,
+        False,
+        "hash of the resolved sweep configuration: model sha256, selection rules, engine config",
+    ),
+    "engine_backend": (
+        _STR,
+        True,
+        "what ran the model: runtime-device-precision, e.g. onnxruntime-cpu-fp32, tensorrt-cuda-fp16",
+    ),
     "pdac_probability": (_F64, True, "case score in [0, 1]: probability of PDAC (null unless ok)"),
     "pdac_flag": (pa.bool_(), True, "pdac_probability >= operating_threshold"),
     "operating_threshold": (_F64, True, "the model's operating threshold used for pdac_flag"),
@@ -116,8 +125,17 @@ FINDINGS_COLUMNS: dict[str, tuple[pa.DataType, bool, str]] = {
         True,
         "quality notes (gantry_tilt, uneven_spacing, ...); [] if none",
     ),
-    "status": (_STR, False, "ok, failed or skipped"),
-    "error_code": (_STR, True, "stable error code when failed or skipped (see io/errors.py)"),
+    "status": (
+        _STR,
+        False,
+        "ok (assessed, has a probability), not_assessable (read but not assessed: no pancreas "
+        "found ...), skipped (not sent to the engine: no eligible series, contrast) or failed",
+    ),
+    "error_code": (
+        _STR,
+        True,
+        "stable error code when not ok: why it was not assessed, skipped or failed (io/errors.py)",
+    ),
     "evidence_path": (_STR, True, "evidence folder (key.png, masks), relative to STORE"),
     "sweep_id": (_STR, False, "the sweep run that wrote the row"),
     "processed_at": (pa.timestamp("us", tz="UTC"), False, "when the study was processed (UTC)"),

@@ -40,7 +40,6 @@ GIL, measured: two threads are no faster than one).  Only one series is held in 
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Sequence
 from concurrent.futures.process import BrokenProcessPool
@@ -49,8 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pdacscreen.io.ctvolume import CTVolume
-from pdacscreen.io.dicomio import (
+from pdacscreen.io.dicom.read import (
     _NATIVE,
     AIR_HU,
     DecodedSlice,
@@ -68,7 +66,8 @@ from pdacscreen.io.errors import (
     NotAVolumeError,
     UnevenSpacingError,
 )
-from pdacscreen.io.pseudonym import resolve_key
+from pdacscreen.io.pseudonym import check_key
+from pdacscreen.io.types import CTVolume
 
 __all__ = ["load_series", "series_geometry", "SeriesGeometry"]
 
@@ -267,15 +266,15 @@ def load_series(
     *,
     workers: int = 2,
     series_instance_uid: str | None = None,
-    key: bytes | None = None,
+    key: bytes,
     on_uneven: str = "resample",
     on_missing_slice: str = "refuse",
 ) -> CTVolume:
     """Load one CT series from its single-frame files into a :class:`CTVolume` in HU.
 
     ``files``: the series' files, any order (other series' files are ignored when
-    ``series_instance_uid`` is given).  ``workers``: decoding processes for compressed series.  ``key``: pseudonym key
-    (see :func:`pdacscreen.io.pseudonym.resolve_key`).  ``on_uneven``: "resample" | "refuse";
+    ``series_instance_uid`` is given).  ``workers``: decoding processes for compressed series.  ``key``: the pseudonym key
+    (resolved once by the caller: :func:`pdacscreen.io.pseudonym.load_key`).  ``on_uneven``: "resample" | "refuse";
     ``on_missing_slice``: "refuse" | "resample".  See the module docstring for every case handled
     or refused, and the typed error raised.
     """
@@ -287,7 +286,7 @@ def load_series(
             raise InputError(f"{name}={val!r} is not allowed; use one of {allowed}")
     if workers < 1:
         raise InputError(f"workers must be >= 1, got {workers}")
-    key = resolve_key(key)
+    key = check_key(key)
     paths = [str(f) for f in files]
     if not paths:
         raise InputError("files is empty; pass the files of one series")
@@ -406,14 +405,11 @@ def _resample_regular(array: np.ndarray, positions: np.ndarray, step: float) -> 
     return out
 
 
-# --- CLI -------------------------------------------------------------------------------------
-
-
-def _files_for(target: str, *, index: Path | None, key: bytes) -> tuple[list[str], str | None]:
+def series_files(target: str, *, index: Path | None, key: bytes) -> tuple[list[str], str | None]:
     """Files of the requested series: a file, a folder (one series) or a SeriesInstanceUID."""
     p = Path(target)
     if p.exists():
-        from pdacscreen.io.dicomio import header_row
+        from pdacscreen.io.dicom.read import header_row
 
         paths = [str(p)] if p.is_file() else sorted(str(f) for f in p.rglob("*") if f.is_file())
         rows = [header_row(f, key=key) for f in paths]
@@ -441,48 +437,3 @@ def _files_for(target: str, *, index: Path | None, key: bytes) -> tuple[list[str
     if df.empty:
         raise InputError(f"series_instance_uid={target!r} has no ok files in index {index}")
     return df["path"].tolist(), target
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "target",
-        help="a DICOM file, a folder holding one series, or a SeriesInstanceUID (with --index)",
-    )
-    parser.add_argument("--out", type=Path, required=True, help="output .nii or .nii.gz")
-    parser.add_argument("--index", type=Path, default=None, help="index folder (for a UID)")
-    parser.add_argument("--series", default=None, help="SeriesInstanceUID within a folder")
-    parser.add_argument("--workers", type=int, default=2, help="decoding processes")
-    parser.add_argument("--on-uneven", choices=("resample", "refuse"), default="resample")
-    parser.add_argument("--on-missing-slice", choices=("refuse", "resample"), default="refuse")
-
-
-def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from pdacscreen.io.errors import PdacscreenError
-    from pdacscreen.io.nifti import write_nifti
-
-    console = Console()
-    key = resolve_key(None)
-    try:
-        if args.series is not None:
-            files, uid = [str(f) for f in Path(args.target).rglob("*") if f.is_file()], args.series
-        else:
-            files, uid = _files_for(args.target, index=args.index, key=key)
-        vol = load_series(
-            files,
-            workers=args.workers,
-            series_instance_uid=uid,
-            key=key,
-            on_uneven=args.on_uneven,
-            on_missing_slice=args.on_missing_slice,
-        )
-    except PdacscreenError as e:
-        console.print(f"[red]refused[/red] ({e.code}): {e}")
-        return 2
-    write_nifti(vol, args.out)
-    console.print(
-        f"wrote {args.out}: shape (z, y, x) {vol.shape}, spacing {vol.spacing} mm, "
-        f"flags {list(vol.flags)}"
-    )
-    return 0

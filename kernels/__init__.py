@@ -7,7 +7,7 @@ raises :class:`GpuUnavailableError` (code ``gpu_unavailable``).  Importing this 
 imports CuPy, touches a GPU or compiles anything; kernels are built on first use, cached per device.
 
 Conventions: arrays are ``(z, y, x)``; affines map index ``(k, j, i, 1)`` to LPS mm (see
-:mod:`pdacscreen.io.ctvolume`); spacing is ``(dz, dy, dx)`` mm.
+:mod:`pdacscreen.io.types`); spacing is ``(dz, dy, dx)`` mm.
 """
 
 from pdacscreen.kernels._backend import has_gpu, resolve, spacing_from_affine, to_host
@@ -22,8 +22,11 @@ from pdacscreen.kernels.errors import (
 from pdacscreen.kernels.intensity import to_model_input
 from pdacscreen.kernels.measure import (
     BloodPool,
+    Phase,
+    PhaseMeasure,
     blood_pool_hu,
     find_blood_pool,
+    measure_phase,
     noise_hu,
     z_coverage_mm,
 )
@@ -31,6 +34,9 @@ from pdacscreen.kernels.resample import crop_resample, resample
 
 __all__ = [
     "BloodPool",
+    "Phase",
+    "PhaseMeasure",
+    "measure_phase",
     "BodyBox",
     "Component",
     "GpuUnavailableError",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pdacscreen.io.errors import InputError, PdacscreenError
+from pdacscreen.io.errors import ErrorCode, InputError, PdacscreenError
 
 __all__ = ["GpuUnavailableError", "KernelInputError", "MeasurementError", "NoBodyError"]
 
@@ -14,22 +14,22 @@ class GpuUnavailableError(PdacscreenError, RuntimeError):
     ``backend="auto"`` / ``"numpy"`` to run on the CPU.
     """
 
-    code = "gpu_unavailable"
+    code = ErrorCode.GPU_UNAVAILABLE
 
 
 class KernelInputError(InputError):
     """A kernel received an argument outside what it allows (names field, value, allowed)."""
 
-    code = "bad_input"
+    code = ErrorCode.BAD_INPUT
 
 
 class NoBodyError(PdacscreenError):
     """No patient body was found in a volume (all air or padding above the threshold)."""
 
-    code = "no_body"
+    code = ErrorCode.NO_BODY
 
 
 class MeasurementError(PdacscreenError):
     """An image measurement could not be made (e.g. no blood pool found); see ``code``."""
 
-    code = "measurement_failed"
+    code = ErrorCode.MEASUREMENT_FAILED

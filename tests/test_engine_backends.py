@@ -16,9 +16,9 @@ from pdacscreen.engine.backends import (
     tensorrt_available,
 )
 from pdacscreen.engine.errors import BackendUnavailableError, EngineInputError
-from pdacscreen.engine.export import export_onnx, onnx_parity
 from pdacscreen.engine.network import NetworkSpec, build_network
 from pdacscreen.engine.package import load_package
+from pdacscreen.engine.training.export import export_onnx, onnx_parity
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from pdacscreen.engine.evidence import write_evidence
 from pdacscreen.engine.inference import FINDINGS_COLUMNS, Detector
 from pdacscreen.engine.package import load_package
 from pdacscreen.engine.tiling import plan_tiles
-from pdacscreen.io.ctvolume import CTVolume, affine_from_geometry, nifti_affine
-from pdacscreen.io.phantom import make_subject
+from pdacscreen.io.phantom.subject import make_subject
+from pdacscreen.io.types import CTVolume, affine_from_geometry, nifti_affine
 
 PATCH1, PATCH2 = (32, 64, 64), (32, 48, 64)
 

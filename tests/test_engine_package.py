@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from pdacscreen.engine.errors import ModelPackageError
-from pdacscreen.engine.export import write_package
 from pdacscreen.engine.network import NetworkSpec, build_network
 from pdacscreen.engine.package import REFERENCE_PACKAGE, default_manifest, load_package
+from pdacscreen.engine.training.export import write_package
 
 
 def tiny_package(root, *, seed: int = 0, patch1=(16, 16, 16), patch2=(16, 16, 24), organ_bias=None):

@@ -8,14 +8,19 @@ import numpy as np
 import pytest
 import torch
 
-from pdacscreen.engine.augment import NO_AUGMENT, AugmentConfig, sample_patch
-from pdacscreen.engine.dataset import CachedStudy, StudyRecord, preprocess_study
 from pdacscreen.engine.network import NetworkSpec, build_network
 from pdacscreen.engine.package import default_manifest, load_package
-from pdacscreen.engine.train import _thresholds, make_stage1_draw, make_stage2_draw, split_records
-from pdacscreen.engine.trainer import StageTraining, set_determinism, train_stage
-from pdacscreen.io.ctvolume import CTVolume
-from pdacscreen.io.phantom import make_subject
+from pdacscreen.engine.training.augment import NO_AUGMENT, AugmentConfig, sample_patch
+from pdacscreen.engine.training.dataset import CachedStudy, StudyRecord, preprocess_study
+from pdacscreen.engine.training.fit import (
+    _thresholds,
+    make_stage1_draw,
+    make_stage2_draw,
+    split_records,
+)
+from pdacscreen.engine.training.trainer import StageTraining, set_determinism, train_stage
+from pdacscreen.io.phantom.subject import make_subject
+from pdacscreen.io.types import CTVolume
 
 # Two steps per stage on 4-channel networks: checks the plumbing, not the learning.
 TINY_TRAINING = [
@@ -113,7 +118,7 @@ def test_thresholds_reach_the_specificity():
 
 def test_train_cli_end_to_end(tmp_path):
     from pdacscreen.flows.cli import main
-    from pdacscreen.io.phantom import generate_archive
+    from pdacscreen.io.phantom.subject import generate_archive
 
     archive = tmp_path / "arch"
     generate_archive(archive, studies=4, seed=21, matrix=128, workers=1)
@@ -133,7 +138,7 @@ def test_train_cli_end_to_end(tmp_path):
 
 
 def test_batches_do_not_depend_on_workers(studies):
-    from pdacscreen.engine.trainer import _batches, make_batch_pool, register_draw
+    from pdacscreen.engine.training.trainer import _batches, make_batch_pool, register_draw
 
     pre = default_manifest()["preprocessing"]
     draw = make_stage2_draw(studies, patch=(16, 16, 24), batch=2, pre=pre, aug=AugmentConfig())
@@ -156,7 +161,7 @@ def test_batches_do_not_depend_on_workers(studies):
 
 def test_device_choice():
     from pdacscreen.engine.errors import TrainingError
-    from pdacscreen.engine.trainer import resolve_device
+    from pdacscreen.engine.training.trainer import resolve_device
 
     assert resolve_device("cpu") == "cpu"
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -185,7 +190,7 @@ def test_time_budget_lowers_the_step_count(studies):
 
 
 def test_train_from_phantoms_in_memory(tmp_path):
-    from pdacscreen.engine.train import main
+    from pdacscreen.flows.cli_train import main
 
     out = tmp_path / "pkg"
     rc = main(
@@ -213,9 +218,9 @@ def test_train_from_phantoms_in_memory(tmp_path):
     assert 0 <= pkg.thresholds.operating <= 1
     # the same subjects as the archive `pdacscreen phantom --seed 31` writes; the records come
     # from the findings draw alone and agree with the rendered subjects
-    from pdacscreen.engine.dataset import make_phantom_studies, phantom_records
-    from pdacscreen.io.phantom import make_subject
-    from pdacscreen.io.phantom_archive import study_plan
+    from pdacscreen.engine.training.dataset import make_phantom_studies, phantom_records
+    from pdacscreen.io.phantom.archive import study_plan
+    from pdacscreen.io.phantom.subject import make_subject
 
     records = phantom_records(seed=31, studies=4)
     assert [r.pdac for r in records] == [study_plan(31, k, 0.5)[1] for k in range(4)]

@@ -14,7 +14,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLo
 
 from pdacscreen.flows.cli import main as cli_main
 from pdacscreen.io import index as index_mod
-from pdacscreen.io.dicomio import INDEX_COLUMNS, header_row
+from pdacscreen.io.dicom.read import INDEX_COLUMNS, header_row
 from pdacscreen.io.errors import PseudonymKeyError
 from pdacscreen.io.index import read_index, read_removed, update_index
 from pdacscreen.io.pseudonym import patient_key, resolve_key

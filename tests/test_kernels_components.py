@@ -8,7 +8,7 @@ from collections import deque
 import numpy as np
 import pytest
 
-from pdacscreen.io.ctvolume import voxel_to_world
+from pdacscreen.io.types import voxel_to_world
 from pdacscreen.kernels import Component, KernelInputError, connected_components
 from pdacscreen.kernels._backend import to_host
 from pdacscreen.kernels.testing import backend_params

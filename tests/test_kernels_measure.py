@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from pdacscreen.io.ctvolume import world_to_voxel
+from pdacscreen.io.types import world_to_voxel
 from pdacscreen.kernels import (
     MeasurementError,
     blood_pool_hu,
@@ -104,7 +104,7 @@ def _load_real(real_ct):
     flip = np.diag([-1.0, -1.0, 1.0, 1.0])
     perm = np.zeros((4, 4))
     perm[0, 2] = perm[1, 1] = perm[2, 0] = perm[3, 3] = 1.0
-    affine = flip @ img.affine @ perm  # inverse of pdacscreen.io.ctvolume.nifti_affine
+    affine = flip @ img.affine @ perm  # inverse of pdacscreen.io.types.nifti_affine
     hu = np.ascontiguousarray(np.asarray(img.dataobj).transpose(2, 1, 0))
     seg = np.asarray(nib.load(d / "example_seg.nii.gz").dataobj).transpose(2, 1, 0)
     classes = json.loads((d / "class_map_total_v2.json").read_text())

@@ -20,12 +20,12 @@ import pytest
 from conftest import REPO
 from scipy import ndimage
 
-from pdacscreen.io.ctvolume import nifti_affine, voxel_to_world, world_to_voxel
 from pdacscreen.io.errors import InputError
-from pdacscreen.io.phantom import SLICE_CAP, generate_archive, make_subject
-from pdacscreen.io.phantom import _draw_findings as draw_findings
-from pdacscreen.io.phantom_dicom import TRANSFER_SYNTAXES
-from pdacscreen.io.phantom_tissue import T
+from pdacscreen.io.phantom.dicom import TRANSFER_SYNTAXES
+from pdacscreen.io.phantom.subject import SLICE_CAP, generate_archive, make_subject
+from pdacscreen.io.phantom.subject import _draw_findings as draw_findings
+from pdacscreen.io.phantom.tissue import T
+from pdacscreen.io.types import nifti_affine, voxel_to_world, world_to_voxel
 
 SEED, N = 22, 4
 DCM2NIIX = REPO / ".venv" / "bin" / "dcm2niix"

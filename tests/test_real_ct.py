@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pdacscreen.io.ctvolume import CTVolume, nifti_affine, voxel_to_world
-from pdacscreen.io.dicomio import header_row, read_slice
+from pdacscreen.io.dicom.read import header_row, read_slice
 from pdacscreen.io.errors import MissingSliceError, NotAVolumeError, UnsupportedTransferSyntaxError
 from pdacscreen.io.index import read_index, update_index
 from pdacscreen.io.nifti import read_nifti
 from pdacscreen.io.select import check_phase
+from pdacscreen.io.types import CTVolume, nifti_affine, voxel_to_world
 from pdacscreen.io.volume import load_series
 
 KEY = b"real-ct-test-key-0123456789"

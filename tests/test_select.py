@@ -11,10 +11,10 @@ from ingest_synth import write_series
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from pdacscreen.io.ctvolume import CTVolume
 from pdacscreen.io.errors import InputError
 from pdacscreen.io.index import read_index, update_index
 from pdacscreen.io.select import check_phase, load_rules, select_series
+from pdacscreen.io.types import CTVolume
 
 KEY = b"select-test-key-0123456789"
 BIG = dict(n=44, rows=24, cols=24, step=2.5)  # 110 mm z-coverage, tiny images
@@ -275,7 +275,7 @@ def test_rules_override_and_validation(tmp_path, study_index):
 
 @pytest.mark.parametrize("seed", [0, 3])
 def test_phase_check_on_phantom_subjects(seed):
-    from pdacscreen.io.phantom import make_subject
+    from pdacscreen.io.phantom.subject import make_subject
 
     sub = make_subject(seed, matrix=128)
     nc = check_phase(CTVolume(array=sub.noncontrast, spacing=sub.spacing, affine=sub.affine))

@@ -31,7 +31,7 @@ PDAC = [sys.executable, "-m", "pdacscreen.flows.cli"]
 
 @pytest.fixture(scope="session")
 def base_archive(tmp_path_factory) -> Path:
-    from pdacscreen.io.phantom import generate_archive
+    from pdacscreen.io.phantom.subject import generate_archive
 
     out = tmp_path_factory.mktemp("sweep") / "archive"
     generate_archive(
@@ -126,7 +126,7 @@ def test_end_to_end_one_row_per_study(archive, tmp_path, prefect_server, local_r
 
 
 def test_incremental_adds_only_new_studies(archive, tmp_path, prefect_server, local_ray):
-    from pdacscreen.io.phantom import generate_archive
+    from pdacscreen.io.phantom.subject import generate_archive
 
     store = tmp_path / "store"
     sweep(archive, store)

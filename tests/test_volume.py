@@ -8,8 +8,7 @@ import pytest
 from ingest_synth import phantom_slice, write_series
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
-from pdacscreen.io.ctvolume import voxel_to_world, world_to_voxel
-from pdacscreen.io.dicomio import read_slice, to_hu
+from pdacscreen.io.dicom.read import read_slice, to_hu
 from pdacscreen.io.errors import (
     DuplicatePositionError,
     InputError,
@@ -19,6 +18,7 @@ from pdacscreen.io.errors import (
     UnevenSpacingError,
 )
 from pdacscreen.io.nifti import read_nifti, write_labels, write_nifti
+from pdacscreen.io.types import voxel_to_world, world_to_voxel
 from pdacscreen.io.volume import load_series
 
 KEY = b"test-key-0123456789abcdef"
@@ -152,7 +152,7 @@ def test_compressed_series_equal_uncompressed(tmp_path, ts):
 
 
 def test_process_pool_gives_same_volume(tmp_path, caplog):
-    from pdacscreen.io import dicomio
+    from pdacscreen.io.dicom import read as dicomio
 
     files = write_series(tmp_path / "s", n=20, rows=32, cols=32, transfer_syntax=RLELossless)
     a = load_series(files, key=KEY, workers=1)
@@ -209,7 +209,7 @@ def test_phantom_volumes_match_dcm2niix(phantom, tmp_path, monkeypatch):
     import pandas as pd
 
     from pdacscreen.flows.cli import main as cli_main
-    from pdacscreen.io.ctvolume import nifti_affine
+    from pdacscreen.io.types import nifti_affine
 
     dcm2niix = Path(sys.executable).parent / "dcm2niix"
     if not dcm2niix.exists():

@@ -20,8 +20,8 @@ from pdacscreen.engine.inference import Detector
 from pdacscreen.engine.network import build_network
 from pdacscreen.engine.package import load_package
 from pdacscreen.engine.tiling import sliding_window
-from pdacscreen.io.ctvolume import CTVolume, affine_from_geometry
-from pdacscreen.io.phantom import make_subject
+from pdacscreen.io.phantom.subject import make_subject
+from pdacscreen.io.types import CTVolume, affine_from_geometry
 
 pytestmark = pytest.mark.bench
 

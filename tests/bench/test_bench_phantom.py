@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pdacscreen.io.phantom import generate_archive, make_subject
+from pdacscreen.io.phantom.subject import generate_archive, make_subject
 
 pytestmark = pytest.mark.bench
 

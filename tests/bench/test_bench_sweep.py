@@ -37,7 +37,7 @@ COMPRESS = "mixed"
 
 def _archive() -> tuple[Path, float]:
     """The cached phantom archive (generated on first use); returns (folder, seconds spent)."""
-    from pdacscreen.io.phantom import generate_archive
+    from pdacscreen.io.phantom.subject import generate_archive
 
     out = REPO / "work" / "bench" / f"sweep-archive-s{SEED}-m{MATRIX}-n{N_STUDIES}-{COMPRESS}"
     t = time.perf_counter()

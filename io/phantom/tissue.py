@@ -2,7 +2,7 @@
 
 Values are drawn once per subject: ``draw_hu(rng)`` returns, per tissue id, the non-contrast and
 portal-venous HU plus the amplitude (HU) of the smooth organ texture.  Pancreas parenchyma and
-lesions are special: their HU come from :mod:`pdacscreen.io.phantom_render` (fat infiltration,
+lesions are special: their HU come from :mod:`pdacscreen.io.phantom.render` (fat infiltration,
 lesion weight), the table entries are their base values.
 """
 

@@ -1,6 +1,6 @@
 """The model card (README.md of a model package), generated from model.json and assessments.
 
-``assessment.json`` (written by :mod:`pdacscreen.engine.assess`) holds the quality tables on
+``assessment.json`` (written by :mod:`pdacscreen.engine.training.assess`) holds the quality tables on
 held-out phantom archives; it is documentation, not part of the hashed files.
 """
 
@@ -163,9 +163,7 @@ def write_model_card(root: Path) -> Path:
         if cmds:
             lines += ["", "Re-run:", "", "```bash", *cmds, "```"]
     else:
-        lines.append(
-            "Not assessed yet: run `python -m pdacscreen.engine.assess --archive DIR --model PKG`."
-        )
+        lines.append("Not assessed yet: run `pdacscreen assess --archive DIR --model PKG`.")
     lines += [
         "",
         "## Backends",

@@ -8,7 +8,7 @@ Public API (stable; other stages code against it):
   changes the sampling, not the patient).
 * :func:`generate_archive` ``(out, *, studies, seed, matrix=256, compress="none",
   pdac_fraction=0.5, workers=None, start=0) -> ArchiveSummary``: the DICOM archive with
-  ``truth.parquet`` and label maps (implemented in :mod:`pdacscreen.io.phantom_archive`).
+  ``truth.parquet`` and label maps (implemented in :mod:`pdacscreen.io.phantom.archive`).
 
 Additions since the API was first published (no signature changed): ``Subject.tissue`` (tissue
 class per voxel), ``make_subject`` keywords ``fatty_pancreas``, ``lesion_diameter_mm``,
@@ -48,14 +48,14 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from pdacscreen.io.ctvolume import affine_from_geometry
 from pdacscreen.io.errors import InputError
-from pdacscreen.io.phantom_anatomy import Findings, draw_anatomy
-from pdacscreen.io.phantom_archive import ArchiveSummary, generate_archive
-from pdacscreen.io.phantom_render import render
-from pdacscreen.io.phantom_shapes import Canvas
-from pdacscreen.io.phantom_tissue import T, draw_hu
-from pdacscreen.io.phantom_vendors import draw_vendor
+from pdacscreen.io.phantom.anatomy import Findings, draw_anatomy
+from pdacscreen.io.phantom.archive import ArchiveSummary, generate_archive
+from pdacscreen.io.phantom.render import render
+from pdacscreen.io.phantom.shapes import Canvas
+from pdacscreen.io.phantom.tissue import T, draw_hu
+from pdacscreen.io.phantom.vendors import draw_vendor
+from pdacscreen.io.types import affine_from_geometry
 
 __all__ = [
     "Subject",
@@ -88,7 +88,7 @@ class Subject:
         spacing: ``(dz, dy, dx)`` mm.
         fov_mask: ``(y, x)`` bool, True inside the circular reconstruction field of view.
         tissue: ``(z, y, x)`` uint8 tissue class at each voxel centre (ids in
-            :class:`pdacscreen.io.phantom_tissue.T`: liver, aorta ...), for tests and auxiliary
+            :class:`pdacscreen.io.phantom.tissue.T`: liver, aorta ...), for tests and auxiliary
             training targets.
         truth: ground-truth and acquisition facts (see :func:`make_subject`).
         seed: the subject seed.

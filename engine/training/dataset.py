@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from pdacscreen.engine.errors import TrainingError
-from pdacscreen.io.ctvolume import CTVolume, voxel_to_world
+from pdacscreen.io.types import CTVolume, voxel_to_world
 
 __all__ = [
     "StudyRecord",
@@ -165,9 +165,13 @@ def archive_records(archive: Path) -> list[StudyRecord]:
 def load_study(record: StudyRecord) -> tuple[CTVolume, np.ndarray]:
     """The study's non-contrast volume and its label map ``(z, y, x)`` uint8 in the same grid."""
     from pdacscreen.io.nifti import read_nifti
+    from pdacscreen.io.pseudonym import DEMO_KEY
     from pdacscreen.io.volume import load_series
 
-    volume = load_series(list(record.files), workers=1, series_instance_uid=record.series_uid)
+    # Training writes no patient keys anywhere: the demo key only names the volume in memory.
+    volume = load_series(
+        list(record.files), workers=1, series_instance_uid=record.series_uid, key=DEMO_KEY
+    )
     label, affine = read_nifti(record.label_path)
     if label.shape != volume.shape or not np.allclose(affine, volume.affine, atol=1e-3):
         raise TrainingError(
@@ -279,7 +283,7 @@ class PhantomRecord:
     """A training study made in memory by the phantom generator (no DICOM round trip).
 
     Study ``index`` of ``seed`` is the subject ``pdacscreen phantom --seed SEED`` writes as its
-    study ``index`` (:func:`pdacscreen.io.phantom_archive.study_plan`), so ``--phantoms N`` trains
+    study ``index`` (:func:`pdacscreen.io.phantom.archive.study_plan`), so ``--phantoms N`` trains
     on the same patients as an archive of N studies made with that seed.
     """
 
@@ -299,8 +303,8 @@ class PhantomRecord:
 def phantom_records(*, seed: int, studies: int, pdac_fraction: float = 0.5) -> list[PhantomRecord]:
     """The records of studies ``0..studies-1`` of ``seed`` from their drawn findings alone
     (no subject is rendered), so the split can be made before the studies are."""
-    from pdacscreen.io.phantom import subject_findings
-    from pdacscreen.io.phantom_archive import study_plan
+    from pdacscreen.io.phantom.archive import study_plan
+    from pdacscreen.io.phantom.subject import subject_findings
 
     if studies < 4:
         raise TrainingError(f"--phantoms needs at least 4 studies, got {studies}")
@@ -326,7 +330,7 @@ def _phantom_study(args: tuple) -> tuple[str, dict[str, np.ndarray], tuple | Non
     """Worker: render one subject and preprocess it like a cached study; the raw volume
     ``(hu int16, spacing, affine)`` only when asked for (validation), so training scans stay
     in the worker."""
-    from pdacscreen.io.phantom import make_subject
+    from pdacscreen.io.phantom.subject import make_subject
 
     sub_seed, lesion_type, matrix, coarse_mm, fine_mm, keep_volume = args
     # pdac=, as `pdacscreen phantom` does: the same subject as the archive's study

@@ -1,6 +1,6 @@
 """Assess a model package on a held-out phantom archive (re-runnable quality numbers).
 
-``python -m pdacscreen.engine.assess --archive DIR --model PKG [--name NAME] [--update-card]``
+``pdacscreen assess --archive DIR --model PKG [--name NAME] [--update-card]``
 
 For every study of the archive: load the non-contrast series from DICOM, run the detector, compare
 with the truth table and label map.  Reports case-level AUROC (bootstrap 95% CI), sensitivity and
@@ -14,7 +14,6 @@ regenerates its README (documentation only: model.json and its hashes are unchan
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -24,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 
-from pdacscreen.engine.dataset import StudyRecord, archive_records, load_study
 from pdacscreen.engine.metrics import (
     auroc,
     bootstrap_ci,
@@ -32,7 +30,8 @@ from pdacscreen.engine.metrics import (
     specificity_at,
     threshold_for_specificity,
 )
-from pdacscreen.io.ctvolume import CTVolume
+from pdacscreen.engine.training.dataset import StudyRecord, archive_records, load_study
+from pdacscreen.io.types import CTVolume
 
 __all__ = [
     "Case",
@@ -41,7 +40,6 @@ __all__ = [
     "assess_cases",
     "summarise",
     "update_card",
-    "main",
 ]
 
 log = logging.getLogger(__name__)
@@ -52,7 +50,7 @@ def _localised(result, volume, label: np.ndarray, truth: dict) -> bool:
     from scipy import ndimage
 
     from pdacscreen.engine.evidence import masks_in_series_grid
-    from pdacscreen.io.ctvolume import world_to_voxel
+    from pdacscreen.io.types import world_to_voxel
 
     if result.masks is None or not result.masks.lesion.any():
         return False
@@ -114,8 +112,8 @@ def phantom_cases(
     archive's; ``slice_thickness_mm`` (cycled over studies) and ``noise_hu`` override the
     acquisition (the "hard" archive).  Volumes are cached as int16 under ``cache``.
     """
-    from pdacscreen.io.phantom import make_subject
-    from pdacscreen.io.phantom_archive import study_plan
+    from pdacscreen.io.phantom.archive import study_plan
+    from pdacscreen.io.phantom.subject import make_subject
 
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -243,86 +241,9 @@ def summarise(rows: list[dict], *, operating: float) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    from pdacscreen.engine.package import REFERENCE_PACKAGE, load_package
-
-    ap = argparse.ArgumentParser(
-        prog="python -m pdacscreen.engine.assess", description=__doc__.split("\n")[0]
-    )
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--archive", type=Path, help="a DICOM phantom archive (pdacscreen phantom)")
-    src.add_argument(
-        "--phantom-seed", type=int, help="make the subjects of this archive seed in memory"
-    )
-    ap.add_argument("--studies", type=int, default=200, help="with --phantom-seed")
-    ap.add_argument("--start", type=int, default=0, help="with --phantom-seed: first study index")
-    ap.add_argument("--matrix", type=int, default=256, help="with --phantom-seed")
-    ap.add_argument(
-        "--slice-thickness-mm", type=float, nargs="+", default=None, help="override (cycled)"
-    )
-    ap.add_argument("--noise-hu", type=float, default=None, help="override the noise level")
-    ap.add_argument("--cache", type=Path, default=Path("work/engine/assess-cache"))
-    ap.add_argument(
-        "--model", type=Path, default=None, help="model package (default: the reference)"
-    )
-    ap.add_argument(
-        "--name", default=None, help="column name in the quality table (default: folder name)"
-    )
-    ap.add_argument("--out", type=Path, default=None, help="write rows + summary JSON here")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--note", action="append", default=[], help="a note for the model card")
-    ap.add_argument(
-        "--update-card", action="store_true", help="merge into PKG/assessment.json + README"
-    )
-    args = ap.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    pkg = load_package(args.model)
-    if args.archive is not None:
-        cases = archive_cases(args.archive, limit=args.limit)
-        source = f"--archive {args.archive}"
-    else:
-        cases = phantom_cases(
-            seed=args.phantom_seed,
-            studies=args.limit or args.studies,
-            matrix=args.matrix,
-            cache=args.cache,
-            slice_thickness_mm=args.slice_thickness_mm,
-            noise_hu=args.noise_hu,
-            start=args.start,
-        )
-        source = f"--phantom-seed {args.phantom_seed} --studies {args.limit or args.studies} --matrix {args.matrix}"
-        if args.slice_thickness_mm:
-            source += " --slice-thickness-mm " + " ".join(f"{t:g}" for t in args.slice_thickness_mm)
-        if args.noise_hu is not None:
-            source += f" --noise-hu {args.noise_hu:g}"
-    rows = assess_cases(cases, args.model, threads=args.threads)
-    summary = summarise(rows, operating=pkg.thresholds.operating)
-    summary["source"] = source
-    summary["matrix"] = (
-        int(rows[0].get("matrix", 0)) if rows and "matrix" in rows[0] else args.matrix
-    )
-    summary["seed"] = args.phantom_seed
-    name = args.name or (
-        Path(args.archive).name if args.archive else f"phantom-{args.phantom_seed}"
-    )
-    print(json.dumps({name: summary}, indent=2))  # noqa: T201 - CLI output
-    if args.out:
-        Path(args.out).write_text(
-            json.dumps({"summary": summary, "rows": rows}, indent=2, default=float)
-        )
-    if args.update_card:
-        update_card(
-            Path(args.model or REFERENCE_PACKAGE), name=name, summary=summary, notes=args.note
-        )
-    return 0
-
-
 def update_card(root: Path, *, name: str, summary: dict, notes: list[str] = ()) -> Path:
     """Merge one archive's summary into ``root/assessment.json`` and regenerate the README."""
-    from pdacscreen.engine.modelcard import write_model_card
+    from pdacscreen.engine.training.modelcard import write_model_card
 
     path = Path(root) / "assessment.json"
     if path.is_file():
@@ -331,11 +252,7 @@ def update_card(root: Path, *, name: str, summary: dict, notes: list[str] = ()) 
         data = {"archives": {}, "notes": [], "commands": []}
     data["archives"][name] = summary
     data["notes"] = sorted(set(data.get("notes", [])) | set(notes))
-    cmd = f"python -m pdacscreen.engine.assess {summary.get('source', '')} --name {name} --update-card"
+    cmd = f"pdacscreen assess {summary.get('source', '')} --name {name} --update-card"
     data["commands"] = sorted(set(data.get("commands", [])) | {cmd})
     path.write_text(json.dumps(data, indent=2, default=float) + "\n")
     return write_model_card(Path(root))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

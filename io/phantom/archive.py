@@ -72,9 +72,9 @@ def _one_study(args: tuple) -> dict:
     out, seed, index, matrix, compress, pdac_fraction, preview = args
     import nibabel as nib
 
-    from pdacscreen.io.ctvolume import nifti_affine
-    from pdacscreen.io.phantom import make_subject
-    from pdacscreen.io.phantom_dicom import write_study
+    from pdacscreen.io.phantom.dicom import write_study
+    from pdacscreen.io.phantom.subject import make_subject
+    from pdacscreen.io.types import nifti_affine
 
     out = Path(out)
     sub_seed, is_pdac = study_plan(seed, index, pdac_fraction)
@@ -107,7 +107,7 @@ def render_preview(sub, path: Path) -> Path:
     """
     from PIL import Image
 
-    from pdacscreen.io.ctvolume import world_to_voxel
+    from pdacscreen.io.types import world_to_voxel
 
     t = sub.truth
     if t["lesion_type"] != "none":
@@ -142,7 +142,7 @@ def render_preview(sub, path: Path) -> Path:
 
 
 def _check(studies, seed, matrix, compress, pdac_fraction, workers, start) -> None:
-    from pdacscreen.io.phantom import MATRICES
+    from pdacscreen.io.phantom.subject import MATRICES
 
     def bad(field, value, allowed):
         raise InputError(f"{field} must be {allowed}, got {value!r}", code=f"bad_{field}")

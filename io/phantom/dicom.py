@@ -31,9 +31,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from pdacscreen.io.phantom_extras import localizer, secondary_capture
-from pdacscreen.io.phantom_series import Naming, draw_naming
-from pdacscreen.io.phantom_vendors import VENDORS, Vendor
+from pdacscreen.io.phantom.extras import localizer, secondary_capture
+from pdacscreen.io.phantom.series import Naming, draw_naming
+from pdacscreen.io.phantom.vendors import VENDORS, Vendor
 
 __all__ = ["write_study", "TRANSFER_SYNTAXES", "patient_id_for"]
 

@@ -2,7 +2,7 @@
 
 Coordinates are the *body frame* in mm: LPS axes (x to the patient's left, y posterior, z superior)
 with the origin at the centre of the abdominal cavity at the level of the pancreatic body (about
-L1).  :mod:`pdacscreen.io.phantom` shifts the body frame into scanner coordinates.
+L1).  :mod:`pdacscreen.io.phantom.subject` shifts the body frame into scanner coordinates.
 
 Anatomy follows DOMAIN.md: the pancreas lies anterior to the aorta/IVC at L1-L2, head in the duodenal
 C-loop right of the midline (below the body), neck anterior to the portal/superior mesenteric vein
@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pdacscreen.io.phantom_shapes import Ellipsoid, SmoothField, Tube, rotation
-from pdacscreen.io.phantom_tissue import T
+from pdacscreen.io.phantom.shapes import Ellipsoid, SmoothField, Tube, rotation
+from pdacscreen.io.phantom.tissue import T
 
 __all__ = ["Anatomy", "Findings", "Lesion", "draw_anatomy", "REGION_T"]
 
@@ -27,7 +27,7 @@ REGION_T = {"head": (0.04, 0.36), "body": (0.42, 0.68), "tail": (0.74, 0.95)}
 
 @dataclass(frozen=True)
 class Findings:
-    """What the pancreas holds (drawn in :mod:`pdacscreen.io.phantom`)."""
+    """What the pancreas holds (drawn in :mod:`pdacscreen.io.phantom.subject`)."""
 
     lesion_type: str  # "pdac" | "cyst" | "none"
     lesion_diameter_mm: float

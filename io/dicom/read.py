@@ -713,7 +713,7 @@ def worker_pool(workers: int) -> ProcessPoolExecutor:
     pool = _POOLS.get(workers)
     if pool is None:
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["pdacscreen.io.dicomio"])
+        ctx.set_forkserver_preload(["pdacscreen.io.dicom.read"])
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
         _POOLS[workers] = pool
         atexit.register(pool.shutdown, wait=False, cancel_futures=True)

@@ -1,9 +1,9 @@
-"""Paint an :class:`~pdacscreen.io.phantom_anatomy.Anatomy` into a tissue map on a canvas.
+"""Paint an :class:`~pdacscreen.io.phantom.anatomy.Anatomy` into a tissue map on a canvas.
 
 ``render(anatomy, canvas)`` returns the tissue ids ``(z, y, x)`` uint8 (see
-:class:`~pdacscreen.io.phantom_tissue.T`), the pancreatic fat fraction (0..1) and the PDAC weight
+:class:`~pdacscreen.io.phantom.tissue.T`), the pancreatic fat fraction (0..1) and the PDAC weight
 (0..1, 1 in the tumour core, fading over its infiltrative margin) on the same grid.  The canvas axes
-are body-frame mm (see :mod:`pdacscreen.io.phantom_anatomy`).  Painting order sets precedence: body
+are body-frame mm (see :mod:`pdacscreen.io.phantom.anatomy`).  Painting order sets precedence: body
 wall, cavity fat, organs, pancreas (duct, lesion), lungs above the diaphragm, heart, vessels, spine.
 """
 
@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import ndtri
 
-from pdacscreen.io.phantom_anatomy import Anatomy
-from pdacscreen.io.phantom_shapes import Canvas, Ellipsoid, Tube
-from pdacscreen.io.phantom_tissue import T
+from pdacscreen.io.phantom.anatomy import Anatomy
+from pdacscreen.io.phantom.shapes import Canvas, Ellipsoid, Tube
+from pdacscreen.io.phantom.tissue import T
 
 __all__ = ["render"]
 

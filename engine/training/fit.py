@@ -14,22 +14,25 @@ specificity); write ``model.json`` and the model card ``README.md``.
 On the CPU, deterministic for a seed at a fixed ``--threads`` (batch ``i`` is drawn from its own
 seeded generator, so ``--workers`` does not change it).  ``--device cuda`` trains on a GPU with
 cuDNN autotuning (reproducible up to floating-point order) and validates with the torch CUDA
-backend.  ``python -m pdacscreen.engine.train`` runs the same command without the Prefect/Ray CLI.
+backend.  ``python -m pdacscreen.flows.cli_train`` runs the same command without the Prefect/Ray CLI.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pdacscreen.engine.augment import AugmentConfig, sample_patch
-from pdacscreen.engine.dataset import (
+from pdacscreen.engine.errors import TrainingError
+from pdacscreen.engine.network import NetworkSpec, build_network
+from pdacscreen.engine.package import default_manifest, load_package
+from pdacscreen.engine.training.augment import AugmentConfig, sample_patch
+from pdacscreen.engine.training.dataset import (
     CachedStudy,
     archive_records,
     build_cache,
@@ -39,10 +42,7 @@ from pdacscreen.engine.dataset import (
     make_phantom_studies,
     phantom_records,
 )
-from pdacscreen.engine.errors import TrainingError
-from pdacscreen.engine.network import NetworkSpec, build_network
-from pdacscreen.engine.package import default_manifest, load_package
-from pdacscreen.engine.trainer import (
+from pdacscreen.engine.training.trainer import (
     Batch,
     StageTraining,
     make_batch_pool,
@@ -53,9 +53,8 @@ from pdacscreen.engine.trainer import (
 )
 
 __all__ = [
-    "add_arguments",
-    "run",
-    "main",
+    "TrainOptions",
+    "fit",
     "split_records",
     "make_stage1_draw",
     "make_stage2_draw",
@@ -64,61 +63,38 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    data = parser.add_mutually_exclusive_group(required=True)
-    data.add_argument("--archive", type=Path, help="phantom archive (pdacscreen phantom)")
-    data.add_argument(
-        "--phantoms",
-        type=int,
-        metavar="N",
-        help="make N phantom subjects in memory instead (study k of --phantom-seed)",
-    )
-    parser.add_argument("--phantom-seed", type=int, default=1000, help="with --phantoms")
-    parser.add_argument("--matrix", type=int, default=256, help="with --phantoms")
-    parser.add_argument(
-        "--pdac-fraction", type=float, default=0.5, help="with --phantoms (as pdacscreen phantom)"
-    )
-    parser.add_argument("--out", type=Path, required=True, help="model package folder to write")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--epochs", type=float, default=1.0, help="multiplier of the step counts below"
-    )
-    parser.add_argument("--stage1-steps", type=int, default=500)
-    parser.add_argument("--stage2-steps", type=int, default=3000)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--base1", type=int, default=8, help="stage-1 base channels")
-    parser.add_argument("--base2", type=int, default=8, help="stage-2 base channels")
-    parser.add_argument(
-        "--train-patch2", type=int, nargs=3, default=None, help="stage-2 training patch z y x"
-    )
-    parser.add_argument("--val-fraction", type=float, default=0.25)
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads (1: fastest on a shared CPU)"
-    )
-    parser.add_argument(
-        "--device", default="cpu", help="cpu, cuda[:N] or auto (cuda when torch sees a GPU)"
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="processes that make phantoms and draw augmented batches (results do not depend on it)",
-    )
-    parser.add_argument(
-        "--max-minutes",
-        type=float,
-        default=None,
-        help="cap on the training time of both stages: step counts are lowered to fit (recorded)",
-    )
-    parser.add_argument("--name", default="pdacscreen-reference")
-    parser.add_argument("--version", default="0.1.0")
-    parser.add_argument(
-        "--cache",
-        type=Path,
-        default=None,
-        help="preprocessed-study cache (default $PDACSCREEN_WORK/engine/cache)",
-    )
-    parser.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
+@dataclass(frozen=True)
+class TrainOptions:
+    """Everything one training run needs (``pdacscreen train`` builds it from its arguments).
+
+    Exactly one of ``archive`` (a phantom archive folder) and ``phantoms`` (N subjects made in
+    memory from ``phantom_seed``) is set.  Step counts are multiplied by ``epochs``; ``max_minutes``
+    caps the training time of both stages (step counts are lowered to fit, and recorded).
+    """
+
+    out: Path
+    archive: Path | None = None
+    phantoms: int | None = None
+    phantom_seed: int = 1000
+    matrix: int = 256
+    pdac_fraction: float = 0.5
+    seed: int = 0
+    epochs: float = 1.0
+    stage1_steps: int = 500
+    stage2_steps: int = 3000
+    batch: int = 2
+    base1: int = 8
+    base2: int = 8
+    train_patch2: tuple[int, int, int] | None = None
+    val_fraction: float = 0.25
+    threads: int = 1
+    device: str = "cpu"
+    workers: int = 1
+    max_minutes: float | None = None
+    name: str = "pdacscreen-reference"
+    version: str = "0.1.0"
+    cache: Path | None = None
+    command_line: str | None = None
 
 
 def split_records(records: list, *, fraction: float, seed: int) -> tuple[list, list]:
@@ -291,26 +267,26 @@ def _phantom_command(archive: Path, studies: int) -> str:
     )
 
 
-def _load_data(args, st1: dict, st2: dict, work: Path):
+def _load_data(opts, st1: dict, st2: dict, work: Path):
     """``(records, training studies, training records, validation records, val_cases)``.
 
     ``val_cases()`` yields ``(volume, record)`` of the validation split for :func:`_validate`.
     """
     coarse_mm, fine_mm = tuple(st1["spacing_mm"]), tuple(st2["spacing_mm"])
-    if args.phantoms is not None:
-        from pdacscreen.io.ctvolume import CTVolume
+    if opts.phantoms is not None:
+        from pdacscreen.io.types import CTVolume
 
         records = phantom_records(
-            seed=args.phantom_seed, studies=args.phantoms, pdac_fraction=args.pdac_fraction
+            seed=opts.phantom_seed, studies=opts.phantoms, pdac_fraction=opts.pdac_fraction
         )
-        train_recs, val_recs = split_records(records, fraction=args.val_fraction, seed=args.seed)
+        train_recs, val_recs = split_records(records, fraction=opts.val_fraction, seed=opts.seed)
         arrays, volumes = make_phantom_studies(
             records,
-            matrix=args.matrix,
+            matrix=opts.matrix,
             coarse_mm=coarse_mm,
             fine_mm=fine_mm,
             keep_volumes={r.index for r in val_recs},
-            workers=args.workers,
+            workers=opts.workers,
             progress=lambda i, n: (
                 log.info("phantom %d/%d", i, n) if i % 20 == 0 or i == n else None
             ),
@@ -326,11 +302,11 @@ def _load_data(args, st1: dict, st2: dict, work: Path):
                 yield vol, r
 
         return records, studies, train_recs, val_recs, val_cases
-    records = archive_records(args.archive)
-    train_recs, val_recs = split_records(records, fraction=args.val_fraction, seed=args.seed)
+    records = archive_records(opts.archive)
+    train_recs, val_recs = split_records(records, fraction=opts.val_fraction, seed=opts.seed)
     paths = build_cache(
         train_recs,
-        cache_dir=args.cache or work / "engine" / "cache",
+        cache_dir=opts.cache or work / "engine" / "cache",
         coarse_mm=coarse_mm,
         fine_mm=fine_mm,
         progress=lambda i, n: log.info("cache %d/%d", i, n),
@@ -344,21 +320,21 @@ def _load_data(args, st1: dict, st2: dict, work: Path):
     return records, studies, train_recs, val_recs, val_cases
 
 
-def run(args: argparse.Namespace) -> int:
+def fit(opts: TrainOptions) -> int:
     from rich.console import Console
 
-    from pdacscreen.engine.export import write_package
-    from pdacscreen.engine.modelcard import write_model_card
+    from pdacscreen.engine.training.export import write_package
+    from pdacscreen.engine.training.modelcard import write_model_card
 
     console = Console(stderr=True)
     t_start = time.perf_counter()
-    device = resolve_device(args.device)
-    set_determinism(args.seed, args.threads, device=device)
-    manifest = default_manifest(name=args.name, version=args.version)
+    device = resolve_device(opts.device)
+    set_determinism(opts.seed, opts.threads, device=device)
+    manifest = default_manifest(name=opts.name, version=opts.version)
     pre = manifest["preprocessing"]
     st1, st2 = manifest["stages"]["stage1"], manifest["stages"]["stage2"]
     work = Path(os.environ.get("PDACSCREEN_WORK", "work"))
-    records, studies, train_recs, val_recs, val_cases = _load_data(args, st1, st2, work)
+    records, studies, train_recs, val_recs, val_cases = _load_data(opts, st1, st2, work)
     console.print(
         f"[bold]train[/]: {len(records)} studies, {len(train_recs)} training, "
         f"{len(val_recs)} validation; device {device}"
@@ -366,23 +342,23 @@ def run(args: argparse.Namespace) -> int:
     t_data = time.perf_counter() - t_start
     console.print(f"training data ready in {t_data:.0f}s")
     aug = AugmentConfig()
-    steps1 = max(1, int(args.stage1_steps * args.epochs))
-    steps2 = max(1, int(args.stage2_steps * args.epochs))
-    patch2 = tuple(args.train_patch2) if args.train_patch2 else tuple(st2["patch"])
-    draw1 = make_stage1_draw(studies, patch=st1["patch"], batch=args.batch, pre=pre, aug=aug)
-    draw2 = make_stage2_draw(studies, patch=patch2, batch=args.batch, pre=pre, aug=aug)
+    steps1 = max(1, int(opts.stage1_steps * opts.epochs))
+    steps2 = max(1, int(opts.stage2_steps * opts.epochs))
+    patch2 = tuple(opts.train_patch2) if opts.train_patch2 else tuple(st2["patch"])
+    draw1 = make_stage1_draw(studies, patch=st1["patch"], batch=opts.batch, pre=pre, aug=aug)
+    draw2 = make_stage2_draw(studies, patch=patch2, batch=opts.batch, pre=pre, aug=aug)
     register_draw("stage1", draw1)
     register_draw("stage2", draw2)
-    pool = make_batch_pool(args.workers)  # forked before CUDA is touched
-    budget = None if args.max_minutes is None else 60.0 * args.max_minutes
+    pool = make_batch_pool(opts.workers)  # forked before CUDA is touched
+    budget = None if opts.max_minutes is None else 60.0 * opts.max_minutes
     try:
-        net1 = build_network(NetworkSpec(out_channels=2, base=args.base1, depth=3))
+        net1 = build_network(NetworkSpec(out_channels=2, base=opts.base1, depth=3))
         t1 = time.perf_counter()
         hist1 = train_stage(
             net1,
             draw1,
             settings=StageTraining(steps=steps1, lr=3e-3, class_weights=(1.0, 3.0)),
-            seed=args.seed,
+            seed=opts.seed,
             name="stage1",
             device=device,
             pool=pool,
@@ -392,14 +368,14 @@ def run(args: argparse.Namespace) -> int:
             f"stage 1 done ({hist1[-1]['step']} steps) in {time.perf_counter() - t_start:.0f}s, "
             f"loss {hist1[-1]['loss']:.3f}"
         )
-        net2 = build_network(NetworkSpec(out_channels=3, base=args.base2, depth=3, cls_head=True))
+        net2 = build_network(NetworkSpec(out_channels=3, base=opts.base2, depth=3, cls_head=True))
         hist2 = train_stage(
             net2,
             draw2,
             settings=StageTraining(
                 steps=steps2, lr=2e-3, class_weights=(1.0, 1.0, 2.0), cls_weight=1.0
             ),
-            seed=args.seed + 1,
+            seed=opts.seed + 1,
             name="stage2",
             device=device,
             pool=pool,
@@ -412,24 +388,24 @@ def run(args: argparse.Namespace) -> int:
         f"stage 2 done ({hist2[-1]['step']} steps) in {time.perf_counter() - t_start:.0f}s, "
         f"loss {hist2[-1]['loss']:.3f}"
     )
-    command = args.command_line or _train_command()
-    if args.phantoms is not None:
+    command = opts.command_line or _train_command()
+    if opts.phantoms is not None:
         source = {
             "archive": None,
             "phantoms": {
-                "seed": args.phantom_seed,
-                "studies": args.phantoms,
-                "matrix": args.matrix,
-                "pdac_fraction": args.pdac_fraction,
-                "made": "in memory by pdacscreen.io.phantom (study k = pdacscreen phantom "
-                f"--seed {args.phantom_seed} study k, no DICOM round trip)",
+                "seed": opts.phantom_seed,
+                "studies": opts.phantoms,
+                "matrix": opts.matrix,
+                "pdac_fraction": opts.pdac_fraction,
+                "made": "in memory by pdacscreen.io.phantom.subject (study k = pdacscreen phantom "
+                f"--seed {opts.phantom_seed} study k, no DICOM round trip)",
             },
             "commands": [command],
         }
     else:
         source = {
-            "archive": str(args.archive),
-            "commands": [c for c in (_phantom_command(args.archive, len(records)), command) if c],
+            "archive": str(opts.archive),
+            "commands": [c for c in (_phantom_command(opts.archive, len(records)), command) if c],
         }
     manifest["training_data"] = {
         **source,
@@ -440,7 +416,7 @@ def run(args: argparse.Namespace) -> int:
             t: sum(r.lesion_type == t for r in records)
             for t in sorted({r.lesion_type for r in records})
         },
-        "seed": args.seed,
+        "seed": opts.seed,
         "command": command,
         "device": device,
         "stage1_steps": hist1[-1]["step"],
@@ -448,12 +424,12 @@ def run(args: argparse.Namespace) -> int:
         "stage1_steps_planned": steps1,
         "stage2_steps_planned": steps2,
         "stage2_training_patch": list(patch2),
-        "batch": args.batch,
+        "batch": opts.batch,
         "augmentation": {k: v for k, v in aug.__dict__.items()},
     }
-    write_package(args.out, nets={"stage1": net1, "stage2": net2}, manifest=manifest)
+    write_package(opts.out, nets={"stage1": net1, "stage2": net2}, manifest=manifest)
     backend = "torch-cuda" if device.startswith("cuda") else "onnxruntime"
-    val = _validate(args.out, val_cases(), threads=args.threads, backend=backend)
+    val = _validate(opts.out, val_cases(), threads=opts.threads, backend=backend)
     th = val["thresholds"]
     manifest["postprocessing"]["score"] = val["score"]
     manifest["thresholds"] = {
@@ -475,30 +451,11 @@ def run(args: argparse.Namespace) -> int:
         "data_seconds": round(t_data, 1),
         "loss": {"stage1": hist1[-1]["loss"], "stage2": hist2[-1]["loss"]},
     }
-    write_package(args.out, nets={"stage1": net1, "stage2": net2}, manifest=manifest)
-    write_model_card(args.out)
+    write_package(opts.out, nets={"stage1": net1, "stage2": net2}, manifest=manifest)
+    write_model_card(opts.out)
     console.print(
-        f"[green]wrote[/] {args.out}: validation AUROC {val['auroc']:.3f}, "
+        f"[green]wrote[/] {opts.out}: validation AUROC {val['auroc']:.3f}, "
         f"sensitivity {val['sensitivity_at_95']:.2f} at 95% specificity; "
         f"{time.perf_counter() - t_start:.0f}s in all"
     )
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m pdacscreen.engine.train``: the ``pdacscreen train`` command on its own."""
-    parser = argparse.ArgumentParser(
-        prog="python -m pdacscreen.engine.train", description=__doc__.split("\n")[0]
-    )
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    if args.command_line is None:
-        args.command_line = "pdacscreen train " + " ".join(sys.argv[1:] if argv is None else argv)
-    return run(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""DICOM: header scan, slice read and pixel decode (no image math)."""

@@ -1,0 +1,1 @@
+"""The phantom archive generator: synthetic abdominal CT subjects, their DICOM studies and truth."""
