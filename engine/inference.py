@@ -17,8 +17,6 @@ Arrays are ``(z, y, x)``; affines map index ``(k, j, i, 1)`` to LPS mm.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import time
@@ -27,7 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pdacscreen.engine.backends import Backend, open_backend
+from pdacscreen.engine.backends import Backend, cuda_available, open_backend
+from pdacscreen.engine.config import EngineConfig
 from pdacscreen.engine.errors import EngineInputError, InferenceError
 from pdacscreen.engine.package import ModelPackage, StageSpec
 from pdacscreen.engine.postprocess import (
@@ -138,8 +137,11 @@ class Detector:
 
     Args:
         package: a loaded :class:`ModelPackage`.
-        backend: inference backend name (see :mod:`pdacscreen.engine.backends`).
-        batch_size: windows per network call (windows of several studies share a batch).
+        config: an :class:`~pdacscreen.engine.config.EngineConfig` (resolved for this node when it
+            still says ``auto``); it sets the backend and the batch.
+        backend: inference backend name (see :mod:`pdacscreen.engine.backends`), when no config.
+        batch_size: windows per network call (windows of several studies share a batch), when no
+            config.
         kernel_backend: ``"auto" | "numpy" | "cupy"`` for pre/postprocessing kernels.
         threads: intra-op threads for ONNX Runtime (None: its default).
     """
@@ -148,11 +150,15 @@ class Detector:
         self,
         package: ModelPackage,
         *,
+        config: EngineConfig | None = None,
         backend: str = "auto",
         batch_size: int = 4,
         kernel_backend: str = "auto",
         threads: int | None = None,
     ) -> None:
+        if config is not None:
+            config = config.resolve(gpu=cuda_available())
+            backend, batch_size = config.backend_name(), config.batch
         if batch_size < 1:
             raise EngineInputError(f"batch_size must be >= 1, got {batch_size}")
         self.package = package
@@ -165,22 +171,10 @@ class Detector:
             for name in ("stage1", "stage2")
         }
         self.backend_name = self.backends["stage2"].name
-        config = {
-            "model_sha256": package.sha256,
-            "preprocessing": package.manifest["preprocessing"],
-            "stages": {
-                n: {
-                    k: v
-                    for k, v in package.manifest["stages"][n].items()
-                    if k not in ("onnx", "weights")
-                }
-                for n in ("stage1", "stage2")
-            },
-            "postprocessing": package.manifest["postprocessing"],
-            "operating_threshold": package.thresholds.operating,
-        }
-        self.config = config
-        self.config_hash = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+        precision = "fp16" if self.backend_name == "tensorrt" else "fp32"
+        runtime, _, device = self.backend_name.partition("-")
+        #: what actually runs the model, as recorded in findings rows (runtime-device-precision)
+        self.engine_backend = f"{runtime}-{device or 'cuda'}-{precision}"
 
     # ------------------------------------------------------------------ public API
     def detect(self, volume: CTVolume) -> StudyResult:
@@ -350,26 +344,19 @@ class Detector:
             job.timings[name] = seconds[j] + time.perf_counter() - t0
 
     def _finish(self, job: _Job) -> StudyResult:
-        from pdacscreen.kernels import blood_pool_hu, noise_hu
+        from pdacscreen.kernels import noise_hu
 
         t0 = time.perf_counter()
         post = self.package.postprocessing
         th = self.package.thresholds.operating
         qc = list(job.qc)
         vol = job.volume
-        # QC on a strided in-plane view (no copy) of about 2 mm: the aorta is ~25 mm wide, and the
-        # noise estimate (local SD in homogeneous tissue) needs no finer grid; on a 512 matrix this
-        # quarters the cost and moves the noise estimate towards the nominal (correlated) noise.
+        # Noise QC on a strided in-plane view (no copy) of about 2 mm: the local SD in homogeneous
+        # tissue needs no finer grid; on a 512 matrix this quarters the cost and moves the estimate
+        # towards the nominal (correlated) noise.  The contrast phase is not the engine's: the
+        # loader measures it once (kernels.measure.measure_phase).
         step = max(1, int(2.0 // min(vol.spacing[1], vol.spacing[2])))
         sub = vol.array[:, ::step, ::step]
-        sub_aff = vol.affine.copy()
-        sub_aff[:3, 1:3] *= step
-        try:
-            bp = blood_pool_hu(sub, sub_aff, backend=self.kernel_backend)
-            if float(bp) > post.contrast_blood_pool_hu:
-                qc.append("contrast_phase")
-        except PdacscreenError as e:
-            log.debug("blood pool measurement failed: %s", e)
         try:
             if float(noise_hu(sub, backend=self.kernel_backend)) > post.noise_hu_max:
                 qc.append("high_noise")

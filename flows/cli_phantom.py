@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from pdacscreen.io.errors import PdacscreenError
-    from pdacscreen.io.phantom.subject import generate_archive
+    from pdacscreen.io.phantom.archive import generate_archive
 
     console = Console()
     try:

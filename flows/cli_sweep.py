@@ -3,11 +3,73 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import json
+import logging
+import os
+import socket
 from pathlib import Path
 
 from pdacscreen.flows.sweep import PROGRESS, nightly_sweep
+from pdacscreen.io.errors import ErrorCode
+from pdacscreen.io.pseudonym import load_key
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "run", "start_prefect"]
+
+log = logging.getLogger(__name__)
+
+PREFECT_HELP = (
+    "the local Prefect API could not start on this (loaded?) machine. Either start a server once "
+    "(`prefect server start`, then `export PREFECT_API_URL=http://127.0.0.1:4200/api`) or allow "
+    "the temporary one more time: `export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=600`"
+)
+
+
+def start_prefect(*, attempts: int = 3) -> str | None:
+    """Start Prefect's ephemeral API before the flow runs, retrying a slow start.
+
+    Returns None when the API is up (or ``PREFECT_API_URL`` points at a server), else the last
+    error message.  Each retry doubles the start-up timeout; the flow then reuses the running
+    server (Prefect keeps one per process).
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+    timeout = int(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+    error = None
+    for attempt in range(1, attempts + 1):
+        server = SubprocessASGIServer()
+        try:
+            server.start(timeout=timeout)
+            return None
+        except RuntimeError as e:
+            error = str(e).split(" stdout:")[0]
+            log.warning(
+                "Prefect API start %d/%d failed after %d s: %s", attempt, attempts, timeout, error
+            )
+            if server.server_process is not None and server.server_process.poll() is None:
+                server.server_process.terminate()
+            timeout *= 2
+    return error
+
+
+def _record_failed_sweep(store: Path, message: str) -> Path:
+    """A failed sweep is a record in STORE/sweeps/, not a traceback."""
+    folder = store / "sweeps"
+    folder.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.UTC)
+    path = folder / f"{now:%Y%m%dT%H%M%SZ}-{socket.gethostname()[:12]}-{os.getpid()}.json"
+    record = {
+        "status": "failed",
+        "error_code": str(ErrorCode.ORCHESTRATOR_UNAVAILABLE),
+        "message": message[:2000],
+        "help": PREFECT_HELP,
+        "written_at": now.isoformat(),
+    }
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +90,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--flush-every", type=int, default=8, help="studies per atomic findings file (default 8)"
     )
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "fp16", "int8"],
+        help="engine precision",
+    )
+    parser.add_argument(
+        "--demo-key",
+        action="store_true",
+        help="use the public demo pseudonym key (synthetic archives only; make demo and the tests)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,6 +112,11 @@ def run(args: argparse.Namespace) -> int:
     from pdacscreen.io.store import FindingsStore
 
     console = Console()
+    try:  # refuse at once, before Prefect and Ray start, without a pseudonym key
+        load_key(demo=args.demo_key)
+    except PdacscreenError as e:
+        console.print(f"[red]{e}[/red]")
+        return 2
     store = FindingsStore(args.store)
     try:  # fail at once, before Prefect and Ray start, if another sweep holds the store
         with store.lock(sweep_id="precheck"):
@@ -46,6 +124,11 @@ def run(args: argparse.Namespace) -> int:
     except PdacscreenError as e:
         console.print(f"[red]{e}[/red]")
         return 3
+    error = start_prefect()
+    if error is not None:
+        record = _record_failed_sweep(args.store, error)
+        console.print(f"[red]sweep failed: {PREFECT_HELP}[/red]\n({error}; recorded in {record})")
+        return 4
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
@@ -71,9 +154,11 @@ def run(args: argparse.Namespace) -> int:
                 ray_address=args.ray_address,
                 limit=args.limit,
                 backend=args.backend,
+                precision=args.precision,
                 rules=str(args.rules) if args.rules else None,
                 n_actors=args.actors,
                 flush_every=args.flush_every,
+                demo_key=args.demo_key,
             )
         except PdacscreenError as e:
             console.print(f"[red]sweep failed: {e}[/red]")
@@ -88,11 +173,13 @@ def run(args: argparse.Namespace) -> int:
         "processed",
         "ok",
         "flagged",
+        "not_assessable",
         "skipped",
         "failed",
         "file_errors",
     ):
         table.add_row(key.replace("_", " "), str(summary[key]))
+    table.add_row("engine", ", ".join(summary.get("engine_backends") or []) or "-")
     table.add_row("studies per hour", f"{summary['studies_per_hour']:.0f}")
     for code, n in sorted(summary["errors_by_code"].items()):
         table.add_row(f"error: {code}", str(n))
@@ -103,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"findings:  {root / 'findings'}")
     console.print(f"failures:  {root / 'failures'}")
     console.print(f"evidence:  {root / 'evidence'}")
+    console.print(f"manifest:  {summary['manifest']}")
     console.print(
         f'query:     pdacscreen query {root} "SELECT * FROM latest_findings WHERE pdac_flag"'
     )

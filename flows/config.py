@@ -32,8 +32,10 @@ __all__ = ["SweepConfig", "config_hash"]
 
 def config_hash(*, model_sha256: str, rules: SelectionRules, engine: EngineConfig) -> str:
     """16 hex digits of SHA-256 over the model, the rules and the resolved engine config."""
+    # The rules by content: their file's location (``source``) differs between machines.
+    rules_d = {k: v for k, v in asdict(rules).items() if k != "source"}
     blob = json.dumps(
-        {"model": model_sha256, "rules": asdict(rules), "engine": engine.as_dict()},
+        {"model": model_sha256, "rules": rules_d, "engine": engine.as_dict()},
         sort_keys=True,
         default=str,
     )

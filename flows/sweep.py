@@ -1,22 +1,27 @@
 """The nightly sweep: a Prefect flow that fans Ray work over an archive and writes findings.
 
 index (incremental) -> select series -> plan (studies with no row for this model version and
-config hash) -> Ray fan-out (loader tasks + engine actors) -> findings in Parquet -> summary.
+config hash) -> Ray fan-out (loader tasks + engine actors) -> findings in Parquet -> summary and
+run manifest (``STORE/sweeps/<sweep_id>.json``).
 
-Exactly once: every study gets one row per (model version, config hash). Rows are appended in
-small atomic batches by the driver; a sweep killed at any moment loses at most the unflushed batch,
-whose studies have no row and are planned again by the next run. The store's lock keeps a second
-sweep on the same store out.
+The flow takes plain parameters (so a deployment can schedule it) and builds the ONE
+:class:`~pdacscreen.flows.config.SweepConfig` in the driver, which every task, loader and actor then
+receives explicitly.  Exactly once: every study gets one row per (model version, config hash).
+Rows are appended in small atomic batches by the driver; a sweep killed at any moment loses at
+most the unflushed batch, whose studies have no row and are planned again by the next run.  The
+store's lock keeps a second sweep on the same store out.
 """
 
 from __future__ import annotations
 
 import contextvars
 import datetime as dt
-import hashlib
+import functools
+import importlib.metadata
 import json
 import logging
 import os
+import platform
 import socket
 import time
 from collections import Counter
@@ -25,23 +30,54 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from pydantic import SecretBytes
 
+from pdacscreen.engine.config import EngineConfig
+from pdacscreen.engine.package import ModelPackage, load_package
+from pdacscreen.flows.config import SweepConfig
+from pdacscreen.flows.outcomes import (
+    SkippedStudy,
+    StudyOutcome,
+    StudyTask,
+    failure_row,
+    finding_row,
+)
 from pdacscreen.flows.ray_pool import WorkItem, init_ray, run_pool
-from pdacscreen.flows.study_worker import EngineActor, StudyPayload, load_study
+from pdacscreen.flows.study_worker import EngineActor, load_study
+from pdacscreen.io.errors import ErrorCode, Status
+from pdacscreen.io.index import IndexUpdate, read_index, update_index
+from pdacscreen.io.pseudonym import load_key
+from pdacscreen.io.select import StudySelection, load_rules, select_series
+from pdacscreen.io.store import FindingsStore
+from pdacscreen.kernels import has_gpu
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SweepSummary", "nightly_sweep", "sweep_config_hash", "PROGRESS"]
+__all__ = ["PROGRESS", "SweepSummary", "build_config", "nightly_sweep", "series_facts"]
 
-# The CLI installs a progress callback here: (event, n) with event "total" or "advance".
+# The CLI installs a progress callback here for the duration of one sweep: (event, n) with event
+# "total" or "advance".  A context variable, not global state: it is set and reset by the caller.
 PROGRESS: contextvars.ContextVar[Callable[[str, int], None] | None] = contextvars.ContextVar(
     "pdacscreen_sweep_progress", default=None
 )
 
 _TRANSIENT = (OSError, TimeoutError)
+MANIFEST_PACKAGES = (
+    "pdacscreen",
+    "numpy",
+    "scipy",
+    "torch",
+    "onnxruntime",
+    "pydicom",
+    "pyarrow",
+    "duckdb",
+    "ray",
+    "prefect",
+)
 
 
 def _retry_transient_io(task_, task_run, state) -> bool:
@@ -67,6 +103,7 @@ class SweepSummary:
     processed: int = 0
     ok: int = 0
     flagged: int = 0
+    not_assessable: int = 0
     skipped: int = 0
     failed: int = 0
     already_done: int = 0
@@ -77,6 +114,8 @@ class SweepSummary:
     studies_per_hour: float = 0.0
     findings_files: list[str] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    engine_backends: list[str] = field(default_factory=list)
+    manifest: str = ""
 
     def markdown(self) -> str:
         rows = [
@@ -84,11 +123,13 @@ class SweepSummary:
             ("already processed (this model + config)", self.already_done),
             ("planned this run", self.studies_planned),
             ("processed", self.processed),
-            ("ok", self.ok),
+            ("ok (assessed)", self.ok),
             ("flagged (PDAC suspected)", self.flagged),
+            ("not assessable (read, not screened)", self.not_assessable),
             ("skipped", self.skipped),
             ("failed", self.failed),
             ("bad files in archive (new this run)", self.file_errors),
+            ("engine", ", ".join(self.engine_backends) or "-"),
             ("throughput (studies/hour)", f"{self.studies_per_hour:.0f}"),
             ("duration (s)", f"{self.duration_s:.1f}"),
         ]
@@ -111,20 +152,48 @@ class SweepSummary:
         return "\n".join(lines) + "\n"
 
 
-def sweep_config_hash(*, model_sha256: str, rules: Any, backend_config: dict[str, Any]) -> str:
-    """Hash of everything that changes a finding: model, selection rules, engine settings."""
-    rules_json = json.dumps(_jsonable(rules), sort_keys=True, default=str)
-    blob = json.dumps(
-        {"model": model_sha256, "rules": rules_json, "engine": backend_config}, sort_keys=True
+def build_config(
+    *,
+    archive: str,
+    store: str,
+    model: str | None = None,
+    rules: str | None = None,
+    engine: EngineConfig | None = None,
+    pseudonym_key: bytes,
+    ray_address: str | None = None,
+    limit: int | None = None,
+    n_actors: int | None = None,
+    flush_every: int = 8,
+    package: ModelPackage | None = None,
+) -> SweepConfig:
+    """The sweep's one configuration, resolved in the driver.
+
+    The engine's ``auto`` choices are resolved for the nodes that will run it: with a local
+    runtime, this machine (a GPU when CuPy sees one); with ``ray_address``, the cluster's resources.
+    """
+    package = package or load_package(Path(model) if model else None)
+    if ray_address:
+        import ray
+
+        init_ray(ray_address)
+        gpu = int(ray.cluster_resources().get("GPU", 0)) > 0
+    else:
+        gpu = has_gpu()
+    return SweepConfig(
+        archive=archive,
+        store=Path(store),
+        model=Path(model) if model else None,
+        model_name=package.name,
+        model_version=package.version,
+        model_sha256=package.sha256,
+        rules=load_rules(Path(rules) if rules else None),
+        engine=(engine or EngineConfig()).resolve(gpu=gpu),
+        pseudonym_key=SecretBytes(pseudonym_key),
+        ray_address=ray_address,
+        limit=limit,
+        n_actors=n_actors,
+        flush_every=flush_every,
     )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _jsonable(obj: Any) -> Any:
-    try:
-        return asdict(obj)
-    except TypeError:
-        return obj
 
 
 @task(
@@ -134,32 +203,25 @@ def _jsonable(obj: Any) -> Any:
     retry_delay_seconds=5,
     retry_condition_fn=_retry_transient_io,
 )
-def index_archive(archive: str, index_dir: str) -> dict[str, Any]:
-    from pdacscreen.io.index import update_index
-
-    upd = update_index(Path(archive), Path(index_dir))
-    return _jsonable(upd) if not isinstance(upd, dict) else upd
+def index_archive(config: SweepConfig) -> IndexUpdate:
+    return update_index(Path(config.archive), FindingsStore(config.store).index_dir, key=config.key)
 
 
 @task(name="select-series", cache_policy=NO_CACHE)
-def select_studies(index_dir: str, rules_path: str | None) -> tuple[list[Any], Any, Any]:
-    from pdacscreen.io.index import read_index
-    from pdacscreen.io.select import load_rules, select_series
-
-    index = read_index(Path(index_dir))
-    rules = load_rules(Path(rules_path) if rules_path else None)
-    return select_series(index, rules=rules), rules, index
+def select_studies(config: SweepConfig) -> tuple[list[StudySelection], pd.DataFrame]:
+    index = read_index(FindingsStore(config.store).index_dir)
+    return select_series(index, rules=config.rules), index
 
 
 @task(name="plan", cache_policy=NO_CACHE)
-def plan(selections: list[Any], done: set[str], limit: int | None) -> list[Any]:
+def plan(selections: list[StudySelection], done: set[str], limit: int | None) -> list[Any]:
     todo = [s for s in selections if s.study_instance_uid not in done]
     todo.sort(key=lambda s: (str(s.study_date or ""), s.study_instance_uid))
     return todo[:limit] if limit else todo
 
 
-def _series_facts(index: Any) -> dict[str, dict[str, Any]]:
-    """Per-series header facts the findings rows carry (vendor, thickness, date)."""
+def series_facts(index: pd.DataFrame | None) -> dict[str, dict[str, Any]]:
+    """Per-series header facts the findings rows carry (vendor, thickness, date, accession)."""
     if index is None or len(index) == 0:
         return {}
     cols = [
@@ -170,228 +232,142 @@ def _series_facts(index: Any) -> dict[str, dict[str, Any]]:
     return first.to_dict(orient="index")
 
 
+@dataclass(frozen=True)
+class _Sweep:
+    """The per-run values every row carries (made once by the flow)."""
+
+    sweep_id: str
+    sweep_date: dt.date
+    processed_at: dt.datetime
+    metadata: dict[str, str]
+
+
+class _Writer:
+    """Buffers findings and failures rows and appends them to the store in atomic batches."""
+
+    def __init__(self, store: FindingsStore, config: SweepConfig, run: _Sweep) -> None:
+        self.store, self.config, self.run = store, config, run
+        self.rows: list[dict[str, Any]] = []
+        self.failures: list[dict[str, Any]] = []
+        self.files: list[str] = []
+        self.counts: Counter[str] = Counter()
+        self.backends: set[str] = set()
+        self._last = time.monotonic()
+
+    def add(self, sel: StudySelection, outcome: StudyOutcome, facts: dict[str, Any]) -> None:
+        row = finding_row(
+            sel,
+            outcome,
+            facts=facts,
+            model_name=self.config.model_name,
+            model_version=self.config.model_version,
+            config_hash=self.config.hash,
+            sweep_id=self.run.sweep_id,
+            processed_at=dt.datetime.now(dt.UTC),
+        )
+        self.rows.append(row)
+        if outcome.failure is not None:
+            self.failures.append(
+                failure_row(sel, outcome.failure, occurred_at=dt.datetime.now(dt.UTC))
+            )
+        self.counts[row["status"]] += 1
+        if row["status"] == Status.OK and row.get("pdac_flag"):
+            self.counts["flagged"] += 1
+        if row.get("error_code"):
+            self.counts["code:" + row["error_code"]] += 1
+        if outcome.engine_backend:
+            self.backends.add(outcome.engine_backend)
+        if len(self.rows) >= self.config.flush_every or time.monotonic() - self._last > 30:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            path = self.store.append_findings(
+                self.rows,
+                sweep_id=self.run.sweep_id,
+                sweep_date=self.run.sweep_date,
+                model_version=self.config.model_version,
+                config_hash=self.config.hash,
+                extra_metadata=self.run.metadata,
+            )
+            if path:
+                self.files.append(str(path))
+        if self.failures:
+            self.store.append_failures(self.failures, sweep_id=self.run.sweep_id)
+        self.rows, self.failures = [], []
+        self._last = time.monotonic()
+
+
 @task(name="fan-out", cache_policy=NO_CACHE)
 def fan_out(
-    todo: list[Any],
+    todo: list[StudySelection],
     *,
-    store_root: str,
-    model: str | None,
-    backend: str,
-    rules: Any,
+    config: SweepConfig,
     facts: dict[str, dict[str, Any]],
-    sweep_id: str,
-    sweep_date: dt.date,
-    model_name: str,
-    model_version: str,
-    config_hash: str,
-    ray_address: str | None,
-    n_actors: int | None,
-    flush_every: int,
-    extra_metadata: dict[str, str],
+    run: _Sweep,
 ) -> dict[str, Any]:
     """Run the Ray pool over ``todo`` and append findings/failures in atomic batches."""
     import ray
 
-    from pdacscreen.io.store import FindingsStore
-
-    store = FindingsStore(Path(store_root))
-    init_ray(ray_address, num_cpus=None, temp_dir=os.environ.get("RAY_TMPDIR"))
+    store = FindingsStore(config.store)
+    init_ray(config.ray_address, num_cpus=None, temp_dir=os.environ.get("RAY_TMPDIR"))
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     cpus = int(resources.get("CPU", 1))
-    if n_actors is None:
-        n_actors = gpus if gpus else max(1, cpus // 2)
+    n_actors = config.n_actors or (gpus if gpus else max(1, cpus // 2))
     actor_opts: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
     actor_cls = ray.remote(EngineActor).options(max_restarts=0, **actor_opts)
-    evidence_root = str(store.evidence_dir)
+    config_ref = ray.put(config)
 
     def factory():
-        return actor_cls.remote(model, backend, evidence_root)
+        return actor_cls.remote(config_ref)
 
     by_uid = {s.study_instance_uid: s for s in todo}
     items = (
         WorkItem(
             s.study_instance_uid,
-            StudyPayload(
-                study_instance_uid=s.study_instance_uid,
-                series_instance_uid=s.series_instance_uid,
-                files=tuple(str(f) for f in s.files),
-                rules=rules,
-            ),
+            StudyTask(s.study_instance_uid, s.series_instance_uid, tuple(str(f) for f in s.files)),
         )
         for s in todo
     )
     progress = PROGRESS.get()
     if progress:
         progress("total", len(todo))
-    rows: list[dict[str, Any]] = []
-    failures: list[dict[str, Any]] = []
-    written: list[str] = []
-    counts: Counter[str] = Counter()
+    writer = _Writer(store, config, run)
     stage_seconds: Counter[str] = Counter()
-    last_flush = time.monotonic()
-
-    def flush() -> None:
-        nonlocal rows, failures, last_flush
-        if rows:
-            path = store.append_findings(
-                [_project(r) for r in rows],
-                sweep_id=sweep_id,
-                sweep_date=sweep_date,
-                model_version=model_version,
-                config_hash=config_hash,
-                extra_metadata=extra_metadata,
-            )
-            if path:
-                written.append(str(path))
-        if failures:
-            store.append_failures(failures, sweep_id=sweep_id)
-        rows, failures = [], []
-        last_flush = time.monotonic()
-
     t_start = time.perf_counter()
-    for outcome in run_pool(
+    for out in run_pool(
         items,
-        load=load_study,
+        load=functools.partial(load_study, config=config),
         actor_factory=factory,
         n_actors=n_actors,
         max_in_flight=2 * n_actors + 1,
         max_attempts=2,
     ):
-        sel = by_uid[outcome.key]
-        row = _base_row(sel, facts.get(sel.series_instance_uid or "", {}))
-        row.update(
-            model_name=model_name,
-            model_version=model_version,
-            config_hash=config_hash,
-            sweep_id=sweep_id,
-            processed_at=dt.datetime.now(dt.UTC),
-        )
-        if outcome.error_code:
-            row.update(status="failed", error_code=outcome.error_code, duration_s=None)
-            failures.append(
-                _failure(sel, stage="load", code=outcome.error_code, message=outcome.message)
-            )
+        sel = by_uid[out.key]
+        if out.error_code:
+            outcome = StudyOutcome.failed(out.error_code, out.message, stage="load")
         else:
-            value = outcome.value
-            row.update(value["row"])
-            for stage, seconds in (value.get("timings") or {}).items():
+            outcome = out.value
+            for stage, seconds in outcome.timings.items():
                 stage_seconds[stage] += seconds
-            if value.get("failure"):
-                failures.append(_failure(sel, **value["failure"]))
-        counts[row["status"]] += 1
-        if row["status"] == "ok" and row.get("pdac_flag"):
-            counts["flagged"] += 1
-        if row.get("error_code"):
-            counts["code:" + row["error_code"]] += 1
-        rows.append(row)
+        writer.add(sel, outcome, facts.get(sel.series_instance_uid or "", {}))
         if progress:
             progress("advance", 1)
-        if len(rows) >= flush_every or time.monotonic() - last_flush > 30:
-            flush()
-    flush()
+    writer.flush()
     return {
-        "counts": dict(counts),
-        "files": written,
+        "counts": dict(writer.counts),
+        "files": writer.files,
         "seconds": time.perf_counter() - t_start,
         "stage_seconds": dict(stage_seconds),
+        "engine_backends": sorted(writer.backends),
+        "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
     }
-
-
-def _preprocessing_text(package: Any) -> str:
-    pre = package.preprocessing
-    stages = ", ".join(
-        f"{name}: {tuple(round(float(x), 2) for x in spec.spacing_mm)} mm"
-        for name, spec in package.stages.items()
-    )
-    return (
-        f"HU window {tuple(pre.window_hu)}, (x - {pre.mean}) / {pre.std}; "
-        f"trilinear resampling with anti-aliasing; grids {stages}"
-    )
-
-
-def _project(row: dict[str, Any]) -> dict[str, Any]:
-    """Keep the findings columns (engines may return more, e.g. pancreas mean HU)."""
-    from pdacscreen.io.store import FINDINGS_COLUMNS
-
-    return {k: v for k, v in row.items() if k in FINDINGS_COLUMNS}
-
-
-def _base_row(sel: Any, facts: dict[str, Any]) -> dict[str, Any]:
-    thickness = facts.get("slice_thickness")
-    return {
-        "study_instance_uid": sel.study_instance_uid,
-        "series_instance_uid": sel.series_instance_uid,
-        "patient_key": sel.patient_key,
-        "study_date": _as_date(sel.study_date or facts.get("study_date")),
-        "manufacturer": facts.get("manufacturer"),
-        "slice_thickness_mm": float(thickness) if thickness not in (None, "") else None,
-        "accession_key": facts.get("accession_key"),
-        "status": "ok",
-        "error_code": None,
-        "qc_flags": [],
-    }
-
-
-def _text(value: Any) -> str | None:
-    """A string, or None for None / NaN / empty (pandas fills missing strings with NaN)."""
-    if value is None or value != value or value == "":
-        return None
-    return str(value)
-
-
-def _as_date(value: Any) -> dt.date | None:
-    if value is None or value == "" or value != value:  # NaN
-        return None
-    if isinstance(value, dt.datetime):
-        return value.date()
-    if isinstance(value, dt.date):
-        return value
-    text = str(value).replace("-", "")
-    try:
-        return dt.date(int(text[:4]), int(text[4:6]), int(text[6:8]))
-    except (ValueError, IndexError):
-        return None
-
-
-def _failure(
-    sel: Any, *, stage: str, code: str, message: str, scope: str = "study"
-) -> dict[str, Any]:
-    return {
-        "stage": stage,
-        "scope": scope,
-        "study_instance_uid": sel.study_instance_uid,
-        "series_instance_uid": sel.series_instance_uid,
-        "path": None,
-        "error_code": code,
-        "message": message,
-        "occurred_at": dt.datetime.now(dt.UTC),
-    }
-
-
-def _selection_rows(
-    skipped: list[Any], facts: dict[str, dict[str, Any]], **common: Any
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Rows for studies with no eligible series: reported, never dropped."""
-    rows, failures = [], []
-    for sel in skipped:
-        row = _base_row(sel, facts.get(sel.series_instance_uid or "", {}))
-        reasons = "; ".join(
-            f"{uid}: {', '.join(rs)}" for uid, rs in sorted(dict(sel.rejections).items())
-        )
-        row.update(common, status="skipped", error_code="no_eligible_series", duration_s=0.0)
-        rows.append(row)
-        failures.append(
-            _failure(sel, stage="select", code="no_eligible_series", message=reasons[:2000])
-        )
-    return rows, failures
 
 
 @task(name="index-failures", cache_policy=NO_CACHE)
-def file_failures(index: Any, store_root: str, sweep_id: str) -> int:
+def file_failures(index: pd.DataFrame, store_root: str, sweep_id: str) -> int:
     """Record each bad file once (new ones only): a failures row with stage 'index'."""
-    from pdacscreen.io.store import FindingsStore
-
     store = FindingsStore(Path(store_root))
     if index is None or len(index) == 0 or "status" not in index:
         return 0
@@ -416,7 +392,7 @@ def file_failures(index: Any, store_root: str, sweep_id: str) -> int:
                 "study_instance_uid": _text(rec.get("study_instance_uid")),
                 "series_instance_uid": _text(rec.get("series_instance_uid")),
                 "path": str(rec.get("path")),
-                "error_code": _text(rec.get("error_code")) or "unreadable",
+                "error_code": _text(rec.get("error_code")) or ErrorCode.UNREADABLE,
                 "message": (_text(rec.get("error_message")) or "")[:2000],
                 "occurred_at": now,
             }
@@ -426,7 +402,72 @@ def file_failures(index: Any, store_root: str, sweep_id: str) -> int:
     return len(rows)
 
 
-@flow(name="pdacscreen-nightly-sweep", log_prints=False)
+def _text(value: Any) -> str | None:
+    if value is None or value != value or value == "":
+        return None
+    return str(value)
+
+
+def _preprocessing_text(package: ModelPackage) -> str:
+    pre = package.preprocessing
+    stages = ", ".join(
+        f"{name}: {tuple(round(float(x), 2) for x in spec.spacing_mm)} mm"
+        for name, spec in package.stages.items()
+    )
+    return (
+        f"HU window {tuple(pre.window_hu)}, (x - {pre.mean}) / {pre.std}; "
+        f"trilinear resampling with anti-aliasing; grids {stages}"
+    )
+
+
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in MANIFEST_PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _gpu_names() -> list[str]:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # torch without CUDA, or a broken driver: no GPU to name
+        return []
+    return []
+
+
+def write_manifest(store: FindingsStore, config: SweepConfig, summary: SweepSummary) -> Path:
+    """``STORE/sweeps/<sweep_id>.json``: what ran, with what, where, and what came of it."""
+    folder = store.root / "sweeps"
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "sweep_id": summary.sweep_id,
+        "written_at": dt.datetime.now(dt.UTC).isoformat(),
+        "config": config.describe(),
+        "versions": _versions(),
+        "host": {
+            "name": socket.gethostname(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "gpus": _gpu_names(),
+        },
+        "engine_backends": summary.engine_backends,
+        "summary": {k: v for k, v in asdict(summary).items() if k not in ("manifest",)},
+    }
+    path = folder / f"{summary.sweep_id}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+@flow(name="pdacscreen-nightly-sweep", log_prints=False, validate_parameters=False)
 def nightly_sweep(
     archive: str,
     store: str,
@@ -434,99 +475,97 @@ def nightly_sweep(
     ray_address: str | None = None,
     limit: int | None = None,
     backend: str = "auto",
+    precision: str = "auto",
     rules: str | None = None,
     n_actors: int | None = None,
     flush_every: int = 8,
+    demo_key: bool = False,
 ) -> dict[str, Any]:
-    """Sweep ``archive`` into ``store`` with the model package ``model`` (default: reference)."""
-    from pdacscreen.engine.package import load_package
-    from pdacscreen.io.store import FindingsStore
+    """Sweep ``archive`` into ``store`` with the model package ``model`` (default: reference).
 
+    The pseudonym key is resolved here, in the driver, once (``demo_key``: the public demo key;
+    otherwise ``PDACSCREEN_PSEUDONYM_KEY`` / ``_FILE`` must be set) and travels to the workers
+    inside the :class:`SweepConfig`; it is never a flow parameter.
+    """
     logger = get_run_logger()
     t0 = time.perf_counter()
     fs = FindingsStore(Path(store))
-    sweep_date = dt.date.today()
     sweep_id = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{socket.gethostname()[:12]}-{os.getpid()}"
+    key = load_key(demo=demo_key)
     with fs.lock(sweep_id=sweep_id):
         package = load_package(Path(model) if model else None)
-        upd = index_archive(archive, str(fs.index_dir))
-        selections, rule_set, index = select_studies(str(fs.index_dir), rules)
-        config_hash = sweep_config_hash(
-            model_sha256=package.sha256, rules=rule_set, backend_config={"flush": "v1"}
+        config = build_config(
+            archive=archive,
+            store=store,
+            model=model,
+            rules=rules,
+            engine=EngineConfig(backend=backend, precision=precision),
+            pseudonym_key=key,
+            ray_address=ray_address,
+            limit=limit,
+            n_actors=n_actors,
+            flush_every=flush_every,
+            package=package,
         )
+        upd = index_archive(config)
+        selections, index = select_studies(config)
         summary = SweepSummary(
             sweep_id=sweep_id,
             store=str(Path(store).resolve()),
-            model_name=package.name,
-            model_version=package.version,
-            config_hash=config_hash,
+            model_name=config.model_name,
+            model_version=config.model_version,
+            config_hash=config.hash,
         )
-        summary.index_new_or_changed = int(upd.get("new", 0)) + int(upd.get("changed", 0))
+        summary.index_new_or_changed = int(upd.new) + int(upd.changed)
         summary.file_errors = file_failures(index, store, sweep_id)
-        done = fs.processed_studies(model_version=package.version, config_hash=config_hash)
+        done = fs.processed_studies(model_version=config.model_version, config_hash=config.hash)
         summary.studies_in_archive = len(selections)
         summary.already_done = sum(s.study_instance_uid in done for s in selections)
         todo = plan(selections, done, limit)
         eligible = [s for s in todo if s.status == "selected"]
         skipped = [s for s in todo if s.status != "selected"]
         summary.studies_planned = len(todo)
-        facts = _series_facts(index)
-        common = dict(
-            model_name=package.name,
-            model_version=package.version,
-            config_hash=config_hash,
+        facts = series_facts(index)
+        run = _Sweep(
             sweep_id=sweep_id,
+            sweep_date=dt.date.today(),
             processed_at=dt.datetime.now(dt.UTC),
+            metadata={
+                "model_sha256": package.sha256,
+                "model_name": package.name,
+                "selection_rule": f"{Path(config.rules.source).name} v{config.rules.version}",
+                "preprocessing": _preprocessing_text(package),
+                "threshold_source": (
+                    f"operating={package.thresholds.operating:.4f} ({package.thresholds.method})"
+                ),
+                "engine_config": json.dumps(config.engine.as_dict(), sort_keys=True),
+            },
         )
-        extra_metadata = {
-            "model_sha256": package.sha256,
-            "model_name": package.name,
-            "selection_rule": f"{getattr(rule_set, 'name', 'default')} v{getattr(rule_set, 'version', '?')}",
-            "preprocessing": _preprocessing_text(package),
-            "threshold_source": (
-                f"operating={package.thresholds.operating:.4f} ({package.thresholds.method})"
-            ),
-        }
         counts: Counter[str] = Counter()
         if skipped:
-            rows, failures = _selection_rows(skipped, facts, **common)
-            fs.append_findings(
-                [_project(r) for r in rows],
-                sweep_id=sweep_id,
-                sweep_date=sweep_date,
-                model_version=package.version,
-                config_hash=config_hash,
-                extra_metadata=extra_metadata,
-            )
-            fs.append_failures(failures, sweep_id=sweep_id)
-            counts["skipped"] += len(rows)
-            counts["code:no_eligible_series"] += len(rows)
+            writer = _Writer(fs, config, run)
+            for sel in skipped:
+                reasons = "; ".join(
+                    f"{uid}: {', '.join(rs)}" for uid, rs in sorted(dict(sel.rejections).items())
+                )
+                outcome = StudyOutcome.skipped(
+                    SkippedStudy(ErrorCode.NO_ELIGIBLE_SERIES, reasons), stage="select"
+                )
+                writer.add(sel, outcome, facts.get(sel.series_instance_uid or "", {}))
+            writer.flush()
+            counts.update(writer.counts)
         if eligible:
-            out = fan_out(
-                eligible,
-                store_root=store,
-                model=model,
-                backend=backend,
-                rules=rule_set,
-                facts=facts,
-                sweep_id=sweep_id,
-                sweep_date=sweep_date,
-                model_name=package.name,
-                model_version=package.version,
-                config_hash=config_hash,
-                ray_address=ray_address,
-                n_actors=n_actors,
-                flush_every=flush_every,
-                extra_metadata=extra_metadata,
-            )
+            out = fan_out(eligible, config=config, facts=facts, run=run)
             counts.update(out["counts"])
             summary.findings_files = out["files"]
             summary.stage_seconds = {k: round(v, 2) for k, v in out["stage_seconds"].items()}
-        summary.ok = counts.get("ok", 0)
-        summary.skipped = counts.get("skipped", 0)
-        summary.failed = counts.get("failed", 0)
+            summary.engine_backends = out["engine_backends"]
+        summary.ok = counts.get(Status.OK, 0)
+        summary.not_assessable = counts.get(Status.NOT_ASSESSABLE, 0)
+        summary.skipped = counts.get(Status.SKIPPED, 0)
+        summary.failed = counts.get(Status.FAILED, 0)
         summary.flagged = counts.get("flagged", 0)
-        summary.processed = summary.ok + summary.skipped + summary.failed
+        summary.processed = summary.ok + summary.not_assessable + summary.skipped + summary.failed
         summary.errors_by_code = {
             k.removeprefix("code:"): v for k, v in counts.items() if k.startswith("code:")
         }
@@ -534,16 +573,18 @@ def nightly_sweep(
         summary.studies_per_hour = (
             3600.0 * summary.processed / summary.duration_s if summary.duration_s > 0 else 0.0
         )
+        summary.manifest = str(write_manifest(fs, config, summary))
     create_markdown_artifact(
         markdown=summary.markdown(),
         key="pdacscreen-sweep-summary",
         description=f"pdacscreen sweep {sweep_id}",
     )
     logger.info(
-        "sweep %s: %d processed (%d flagged, %d failed, %d skipped) in %.1f s",
+        "sweep %s: %d processed (%d flagged, %d not assessable, %d failed, %d skipped) in %.1f s",
         sweep_id,
         summary.processed,
         summary.flagged,
+        summary.not_assessable,
         summary.failed,
         summary.skipped,
         summary.duration_s,

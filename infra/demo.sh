@@ -17,7 +17,7 @@ else
 fi
 
 echo "== 2/3 nightly sweep (Prefect flow, local Ray) -> $STORE"
-$PDAC sweep "$ARCHIVE/dicom" --store "$STORE"
+$PDAC sweep "$ARCHIVE/dicom" --store "$STORE" --demo-key   # public demo key: synthetic data only
 
 echo "== 3/3 query the findings (DuckDB over Parquet)"
 Q="SELECT accession_key, study_date, round(pdac_probability, 3) AS p, lesion_location AS location, round(lesion_diameter_mm, 1) AS diam_mm, qc_flags FROM latest_findings WHERE pdac_flag ORDER BY pdac_probability DESC LIMIT 10"

@@ -22,7 +22,6 @@ __all__ = [
 ]
 
 
-
 class Status(StrEnum):
     """What happened to a study (the findings ``status`` column); the words mean what they say.
 
@@ -90,6 +89,7 @@ class ErrorCode(StrEnum):
     ONNX_EXPORT_FAILED = "onnx_export_failed"
     # sweep and store
     WORKER_DIED = "worker_died"
+    ORCHESTRATOR_UNAVAILABLE = "orchestrator_unavailable"
     PSEUDONYM_KEY = "pseudonym_key"
     ARCHIVE_MISMATCH = "archive_mismatch"
     STORE_ERROR = "store_error"

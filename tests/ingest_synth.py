@@ -167,7 +167,7 @@ def phantom_archive(tmp_path_factory) -> tuple[Path, Path]:
     """(archive, index) of a small mixed-vendor, mixed-compression phantom archive, built once
     per test session (shared by the ingest test modules)."""
     from pdacscreen.io.index import update_index
-    from pdacscreen.io.phantom.subject import generate_archive
+    from pdacscreen.io.phantom.archive import generate_archive
 
     base = tmp_path_factory.getbasetemp() / "ingest-phantom"
     archive, index = base / "archive", base / "index"

@@ -118,7 +118,7 @@ def test_thresholds_reach_the_specificity():
 
 def test_train_cli_end_to_end(tmp_path):
     from pdacscreen.flows.cli import main
-    from pdacscreen.io.phantom.subject import generate_archive
+    from pdacscreen.io.phantom.archive import generate_archive
 
     archive = tmp_path / "arch"
     generate_archive(archive, studies=4, seed=21, matrix=128, workers=1)

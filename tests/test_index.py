@@ -17,7 +17,7 @@ from pdacscreen.io import index as index_mod
 from pdacscreen.io.dicom.read import INDEX_COLUMNS, header_row
 from pdacscreen.io.errors import PseudonymKeyError
 from pdacscreen.io.index import read_index, read_removed, update_index
-from pdacscreen.io.pseudonym import patient_key, resolve_key
+from pdacscreen.io.pseudonym import DEMO_KEY, load_key, patient_key
 from pdacscreen.io.select import load_rules
 
 KEY = b"index-test-key-0123456789"
@@ -169,13 +169,20 @@ def test_key_configuration(archive, tmp_path, monkeypatch):
     update_index(archive, tmp_path / "idx", key=KEY, workers=1)
     with pytest.raises(PseudonymKeyError, match="another pseudonym key"):
         update_index(archive, tmp_path / "idx", key=b"another-key-0123456789", workers=1)
+    monkeypatch.delenv("PDACSCREEN_PSEUDONYM_KEY", raising=False)
+    monkeypatch.delenv("PDACSCREEN_PSEUDONYM_KEY_FILE", raising=False)
+    with pytest.raises(PseudonymKeyError, match="no pseudonym key configured.*secrets.token_hex"):
+        load_key()
+    assert load_key(demo=True) == DEMO_KEY
+    with pytest.raises(PseudonymKeyError, match="non-empty bytes"):
+        update_index(archive, tmp_path / "idx2", key=None, workers=1)
     monkeypatch.setenv("PDACSCREEN_PSEUDONYM_KEY", "env-key-0123456789abcdef")
-    assert resolve_key() == b"env-key-0123456789abcdef"
+    assert load_key() == b"env-key-0123456789abcdef"
     monkeypatch.delenv("PDACSCREEN_PSEUDONYM_KEY")
     key_file = tmp_path / "key"
     key_file.write_bytes(b"file-key-0123456789abcdef\n")
     monkeypatch.setenv("PDACSCREEN_PSEUDONYM_KEY_FILE", str(key_file))
-    assert resolve_key() == b"file-key-0123456789abcdef"
+    assert load_key() == b"file-key-0123456789abcdef"
     assert (
         patient_key(" X1 ", key=b"k") == patient_key("X1", key=b"k") != patient_key("X1", key=b"j")
     )

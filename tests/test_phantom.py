@@ -21,8 +21,9 @@ from conftest import REPO
 from scipy import ndimage
 
 from pdacscreen.io.errors import InputError
+from pdacscreen.io.phantom.archive import generate_archive
 from pdacscreen.io.phantom.dicom import TRANSFER_SYNTAXES
-from pdacscreen.io.phantom.subject import SLICE_CAP, generate_archive, make_subject
+from pdacscreen.io.phantom.subject import SLICE_CAP, make_subject
 from pdacscreen.io.phantom.subject import _draw_findings as draw_findings
 from pdacscreen.io.phantom.tissue import T
 from pdacscreen.io.types import nifti_affine, voxel_to_world, world_to_voxel

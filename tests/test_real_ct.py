@@ -14,9 +14,10 @@ from pdacscreen.io.dicom.read import header_row, read_slice
 from pdacscreen.io.errors import MissingSliceError, NotAVolumeError, UnsupportedTransferSyntaxError
 from pdacscreen.io.index import read_index, update_index
 from pdacscreen.io.nifti import read_nifti
-from pdacscreen.io.select import check_phase
-from pdacscreen.io.types import CTVolume, nifti_affine, voxel_to_world
+from pdacscreen.io.select import load_rules
+from pdacscreen.io.types import nifti_affine, voxel_to_world
 from pdacscreen.io.volume import load_series
+from pdacscreen.kernels.measure import measure_phase
 
 KEY = b"real-ct-test-key-0123456789"
 
@@ -138,13 +139,16 @@ def test_phase_check_on_real_noncontrast_abdomen(real_ct):
     arr, aff = read_nifti(real_ct / "totalsegmentator/example_ct_sm.nii.gz")
     seg, _ = read_nifti(real_ct / "totalsegmentator/example_seg.nii.gz")
     arr = arr.astype(np.float32)
-    spacing = tuple(float(s) for s in np.linalg.norm(aff[:3, :3], axis=0))
     aorta = float(np.median(arr[seg == 52]))  # TotalSegmentator's aorta label
-    pc = check_phase(CTVolume(array=arr, spacing=spacing, affine=aff))
-    assert pc.estimate == "non_contrast" and not pc.mismatch and pc.action == "accept"
+    rules = load_rules().phase_check
+    limits = dict(
+        noncontrast_max_hu=rules.noncontrast_max_hu, contrast_min_hu=rules.contrast_min_hu
+    )
+    pc = measure_phase(arr, aff, **limits, backend="numpy")
+    assert pc.estimate == "non_contrast" and rules.action(pc.estimate) == "accept"
     assert abs(pc.blood_pool_hu - aorta) < 15.0
     enhanced = arr.copy()  # simulated portal-venous enhancement of vessels and organs
     for label, delta in ((52, 150), (63, 120), (64, 130), (5, 60), (1, 70), (2, 120), (3, 120)):
         enhanced[seg == label] += delta
-    pc = check_phase(CTVolume(array=enhanced, spacing=spacing, affine=aff))
-    assert pc.estimate == "contrast" and pc.mismatch and pc.action == "flag"
+    pc = measure_phase(enhanced, aff, **limits, backend="numpy")
+    assert pc.estimate == "contrast" and rules.action(pc.estimate) == "flag"

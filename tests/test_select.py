@@ -13,8 +13,8 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from pdacscreen.io.errors import InputError
 from pdacscreen.io.index import read_index, update_index
-from pdacscreen.io.select import check_phase, load_rules, select_series
-from pdacscreen.io.types import CTVolume
+from pdacscreen.io.select import load_rules, select_series
+from pdacscreen.kernels.measure import measure_phase
 
 KEY = b"select-test-key-0123456789"
 BIG = dict(n=44, rows=24, cols=24, step=2.5)  # 110 mm z-coverage, tiny images
@@ -273,36 +273,60 @@ def test_rules_override_and_validation(tmp_path, study_index):
             load_rules(p)
 
 
+def _phase(array, affine, rules=None):
+    pc = (rules or load_rules()).phase_check
+    return measure_phase(
+        array,
+        affine,
+        noncontrast_max_hu=pc.noncontrast_max_hu,
+        contrast_min_hu=pc.contrast_min_hu,
+        backend="numpy",
+    )
+
+
 @pytest.mark.parametrize("seed", [0, 3])
 def test_phase_check_on_phantom_subjects(seed):
     from pdacscreen.io.phantom.subject import make_subject
 
     sub = make_subject(seed, matrix=128)
-    nc = check_phase(CTVolume(array=sub.noncontrast, spacing=sub.spacing, affine=sub.affine))
-    pv = check_phase(CTVolume(array=sub.contrast, spacing=sub.spacing, affine=sub.affine))
-    assert nc.estimate == "non_contrast" and nc.action == "accept" and nc.blood_pool_hu < 70
-    assert pv.estimate == "contrast" and pv.mismatch and pv.action == "flag"
+    rules = load_rules()
+    nc = _phase(sub.noncontrast, sub.affine)
+    pv = _phase(sub.contrast, sub.affine)
+    assert nc.estimate == "non_contrast" and rules.phase_check.action(nc.estimate) == "accept"
+    assert nc.blood_pool_hu < 70
+    assert pv.estimate == "contrast" and rules.phase_check.action(pv.estimate) == "flag"
     assert pv.blood_pool_hu > 130
-    p = load_rules()
-    strict = p.__class__(
-        **{**p.__dict__, "phase_check": p.phase_check.__class__(on_phase_mismatch="reject")}
+    strict = rules.__class__(
+        **{**rules.__dict__, "phase_check": rules.phase_check.__class__(on_phase_mismatch="reject")}
     )
-    assert (
-        check_phase(
-            CTVolume(array=sub.contrast, spacing=sub.spacing, affine=sub.affine), strict
-        ).action
-        == "reject"
+    assert strict.phase_check.action(pv.estimate) == "reject"
+    assert strict.phase_check.action(nc.estimate) == "accept"
+
+
+def test_phase_between_thresholds_is_indeterminate():
+    """One measure, one rule: a blood pool between the thresholds is neither phase."""
+    from pdacscreen.io.phantom.subject import make_subject
+
+    sub = make_subject(0, matrix=128)
+    hu = _phase(sub.noncontrast, sub.affine).blood_pool_hu
+    rules = load_rules()
+    mid = rules.__class__(
+        **{
+            **rules.__dict__,
+            "phase_check": rules.phase_check.__class__(
+                noncontrast_max_hu=hu - 5.0, contrast_min_hu=hu + 5.0
+            ),
+        }
     )
+    pm = _phase(sub.noncontrast, sub.affine, mid)
+    assert pm.estimate == "indeterminate" and pm.blood_pool_hu == hu
+    assert mid.phase_check.action(pm.estimate) == "accept"
 
 
 def test_phase_check_without_body_is_indeterminate():
-    vol = CTVolume(
-        array=np.full((6, 32, 32), -1000, np.float32),
-        spacing=(3, 1, 1),
-        affine=np.diag([3.0, 1, 1, 1]),
-    )
-    pc = check_phase(vol)
-    assert pc.estimate == "indeterminate" and not pc.mismatch and np.isnan(pc.blood_pool_hu)
+    pc = _phase(np.full((6, 32, 32), -1000, np.float32), np.diag([3.0, 1, 1, 1]))
+    assert pc.estimate == "indeterminate" and pc.blood_pool_hu is None
+    assert "not measured" in pc.reason
 
 
 def test_selection_on_phantom_archive_matches_truth(tmp_path_factory):

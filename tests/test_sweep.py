@@ -31,7 +31,7 @@ PDAC = [sys.executable, "-m", "pdacscreen.flows.cli"]
 
 @pytest.fixture(scope="session")
 def base_archive(tmp_path_factory) -> Path:
-    from pdacscreen.io.phantom.subject import generate_archive
+    from pdacscreen.io.phantom.archive import generate_archive
 
     out = tmp_path_factory.mktemp("sweep") / "archive"
     generate_archive(
@@ -70,7 +70,9 @@ def sweep(archive: Path, store: Path, **kw) -> dict:
     """An in-process flow run over the archive's DICOM tree (truth and labels sit beside it)."""
     from pdacscreen.flows.sweep import nightly_sweep
 
-    return nightly_sweep(archive=str(archive / "dicom"), store=str(store), n_actors=1, **kw)
+    return nightly_sweep(
+        archive=str(archive / "dicom"), store=str(store), n_actors=1, demo_key=True, **kw
+    )
 
 
 def findings(store: Path) -> pd.DataFrame:
@@ -126,7 +128,7 @@ def test_end_to_end_one_row_per_study(archive, tmp_path, prefect_server, local_r
 
 
 def test_incremental_adds_only_new_studies(archive, tmp_path, prefect_server, local_ray):
-    from pdacscreen.io.phantom.subject import generate_archive
+    from pdacscreen.io.phantom.archive import generate_archive
 
     store = tmp_path / "store"
     sweep(archive, store)
@@ -206,7 +208,7 @@ def test_second_sweep_on_a_locked_store_exits_at_once(archive, tmp_path):
         assert holder.stdout.readline().strip() == "locked"
         t0 = time.monotonic()
         out = subprocess.run(
-            [*PDAC, "sweep", str(archive / "dicom"), "--store", str(store)],
+            [*PDAC, "sweep", str(archive / "dicom"), "--store", str(store), "--demo-key"],
             capture_output=True,
             text=True,
             timeout=120,
@@ -239,6 +241,7 @@ def test_kill_9_then_rerun_is_exactly_once(archive, tmp_path):
         "1",
         "--actors",
         "1",
+        "--demo-key",
     ]
     proc = subprocess.Popen(
         cmd, env=_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -341,6 +344,7 @@ def test_sweep_on_a_ray_cluster_by_address(archive, tmp_path):
                 f"127.0.0.1:{port}",
                 "--limit",
                 "2",
+                "--demo-key",
             ],
             env=env,
             capture_output=True,

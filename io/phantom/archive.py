@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from pdacscreen.io.errors import InputError
+from pdacscreen.io.phantom.subject import MATRICES, make_subject
 
 __all__ = ["ArchiveSummary", "generate_archive", "study_plan", "render_preview"]
 
@@ -73,7 +74,6 @@ def _one_study(args: tuple) -> dict:
     import nibabel as nib
 
     from pdacscreen.io.phantom.dicom import write_study
-    from pdacscreen.io.phantom.subject import make_subject
     from pdacscreen.io.types import nifti_affine
 
     out = Path(out)
@@ -142,7 +142,6 @@ def render_preview(sub, path: Path) -> Path:
 
 
 def _check(studies, seed, matrix, compress, pdac_fraction, workers, start) -> None:
-    from pdacscreen.io.phantom.subject import MATRICES
 
     def bad(field, value, allowed):
         raise InputError(f"{field} must be {allowed}, got {value!r}", code=f"bad_{field}")

@@ -50,7 +50,6 @@ from scipy import ndimage
 
 from pdacscreen.io.errors import InputError
 from pdacscreen.io.phantom.anatomy import Findings, draw_anatomy
-from pdacscreen.io.phantom.archive import ArchiveSummary, generate_archive
 from pdacscreen.io.phantom.render import render
 from pdacscreen.io.phantom.shapes import Canvas
 from pdacscreen.io.phantom.tissue import T, draw_hu
@@ -61,8 +60,6 @@ __all__ = [
     "Subject",
     "make_subject",
     "subject_findings",
-    "generate_archive",
-    "ArchiveSummary",
     "MATRICES",
     "SLICE_CAP",
     "LESION_TYPES",

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pdacscreen.io.phantom.subject import generate_archive, make_subject
+from pdacscreen.io.phantom.archive import generate_archive
+from pdacscreen.io.phantom.subject import make_subject
 
 pytestmark = pytest.mark.bench
 

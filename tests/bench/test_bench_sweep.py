@@ -37,7 +37,7 @@ COMPRESS = "mixed"
 
 def _archive() -> tuple[Path, float]:
     """The cached phantom archive (generated on first use); returns (folder, seconds spent)."""
-    from pdacscreen.io.phantom.subject import generate_archive
+    from pdacscreen.io.phantom.archive import generate_archive
 
     out = REPO / "work" / "bench" / f"sweep-archive-s{SEED}-m{MATRIX}-n{N_STUDIES}-{COMPRESS}"
     t = time.perf_counter()
@@ -89,7 +89,11 @@ def _run_sweep(archive: Path, store: Path) -> dict:
         init_ray(None, num_cpus=2, temp_dir=os.environ.get("RAY_TMPDIR"))
         t2 = time.perf_counter()
         state = nightly_sweep(
-            archive=str(archive / "dicom"), store=str(store), n_actors=1, return_state=True
+            archive=str(archive / "dicom"),
+            store=str(store),
+            n_actors=1,
+            demo_key=True,
+            return_state=True,
         )
         t3 = time.perf_counter()
         summary = state.result()
