@@ -26,6 +26,7 @@ $(STAMP): pyproject.toml
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
 	@bash infra/setup-browser || true
+	@bash infra/setup-orthanc || true
 	@mkdir -p $(WORK)
 	@touch $(STAMP)
 

@@ -90,6 +90,12 @@ class ErrorCode(StrEnum):
     # sweep and store
     WORKER_DIED = "worker_died"
     ORCHESTRATOR_UNAVAILABLE = "orchestrator_unavailable"
+    # PACS (DICOMweb source, DICOM SEG/SR export)
+    SOURCE_UNAVAILABLE = "source_unavailable"
+    SOURCE_UNAUTHORIZED = "source_unauthorized"
+    SERIES_VANISHED = "series_vanished"
+    TRUNCATED_RESPONSE = "truncated_response"
+    DICOM_EXPORT_FAILED = "dicom_export_failed"
     PSEUDONYM_KEY = "pseudonym_key"
     ARCHIVE_MISMATCH = "archive_mismatch"
     STORE_ERROR = "store_error"
