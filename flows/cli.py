@@ -33,15 +33,53 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+_AF_UNIX_MAX = 107  # bytes in a sockaddr_un path (Linux), the limit Ray's sockets must fit
+_RAY_SOCKET_TAIL = len("/session_2026-01-01_00-00-00_000000_0000000/sockets/plasma_store")
+
+
+def state_dir() -> Path:
+    """The per-user folder for pdacscreen's tool state (Prefect's database, Ray's session files,
+    engine caches), created on demand: ``$PDACSCREEN_WORK`` if set, else
+    ``$XDG_STATE_HOME/pdacscreen``, else ``~/.local/state/pdacscreen``.  Never the current folder,
+    so a command works from any folder."""
+    if os.environ.get("PDACSCREEN_WORK"):
+        work = Path(os.environ["PDACSCREEN_WORK"]).expanduser()
+    else:
+        xdg = os.environ.get("XDG_STATE_HOME")
+        base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "state"
+        work = base / "pdacscreen"
+    work = work.absolute()
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
+def ray_tmpdir(work: Path) -> Path:
+    """Ray's temp folder: ``WORK/ray`` when its socket paths fit in an AF_UNIX address
+    (107 bytes), else ``/tmp/pdacscreen-<uid>/ray``."""
+    ray = work / "ray"
+    if len(os.fsencode(ray)) + _RAY_SOCKET_TAIL > _AF_UNIX_MAX:
+        ray = Path("/tmp") / f"pdacscreen-{os.getuid()}" / "ray"
+    ray.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return ray
+
+
 def _offline_defaults() -> None:
-    """Keep third-party tools offline and their state inside the working folder."""
-    work = Path(os.environ.get("PDACSCREEN_WORK", Path.cwd() / "work"))
+    """Keep third-party tools offline and their state in the per-user :func:`state_dir`.
+
+    Every variable is only a default: one already set in the environment wins.
+    """
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    os.environ.setdefault("PREFECT_HOME", str(work / "prefect"))
-    os.environ.setdefault("RAY_TMPDIR", str(work / "ray"))
+    work = state_dir()
+    os.environ.setdefault("PDACSCREEN_WORK", str(work))
+    prefect_home = Path(os.environ.setdefault("PREFECT_HOME", str(work / "prefect")))
+    prefect_home.mkdir(parents=True, exist_ok=True)
+    if "RAY_TMPDIR" in os.environ:
+        Path(os.environ["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
+    else:
+        os.environ["RAY_TMPDIR"] = str(ray_tmpdir(work))
 
 
 def build_parser() -> argparse.ArgumentParser:

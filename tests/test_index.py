@@ -171,7 +171,9 @@ def test_key_configuration(archive, tmp_path, monkeypatch):
         update_index(archive, tmp_path / "idx", key=b"another-key-0123456789", workers=1)
     monkeypatch.delenv("PDACSCREEN_PSEUDONYM_KEY", raising=False)
     monkeypatch.delenv("PDACSCREEN_PSEUDONYM_KEY_FILE", raising=False)
-    with pytest.raises(PseudonymKeyError, match="no pseudonym key configured.*secrets.token_hex"):
+    with pytest.raises(
+        PseudonymKeyError, match="(?s)no pseudonym key configured.*secrets.token_hex"
+    ):
         load_key()
     assert load_key(demo=True) == DEMO_KEY
     with pytest.raises(PseudonymKeyError, match="non-empty bytes"):
