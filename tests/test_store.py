@@ -71,6 +71,7 @@ def test_schema_has_the_documented_columns_and_types():
         "accession_key",
         "manufacturer",
         "slice_thickness_mm",
+        "engine_backend",  # issue 11: what ran the model (runtime-device-precision)
     }
     types = {f.name: f.type for f in FINDINGS_SCHEMA}
     assert types["lesion_count"] == pa.int32()
