@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from pdacscreen.engine.inference import FINDINGS_COLUMNS
 from pdacscreen.io.errors import ErrorCode, Status
 from pdacscreen.io.select import StudySelection
 from pdacscreen.io.types import CTVolume
@@ -30,23 +31,14 @@ __all__ = [
     "StudyTask",
     "failure_row",
     "finding_row",
+    "as_date",
     "phase_flags",
+    "text_or_none",
 ]
 
-#: engine result fields copied into a findings row (the rest of the row is made here)
-ENGINE_FIELDS = (
-    "pdac_probability",
-    "pdac_flag",
-    "operating_threshold",
-    "lesion_count",
-    "lesion_diameter_mm",
-    "lesion_volume_ml",
-    "lesion_center_x_mm",
-    "lesion_center_y_mm",
-    "lesion_center_z_mm",
-    "lesion_location",
-    "pancreas_volume_ml",
-)
+#: engine result fields copied into a findings row (the engine's own columns, less the QC flags,
+#: which the row merges with the loader's, and the gland's mean HU, which the store does not keep)
+ENGINE_FIELDS = tuple(c for c in FINDINGS_COLUMNS if c not in ("qc_flags", "pancreas_mean_hu"))
 
 
 @dataclass(frozen=True)
@@ -188,9 +180,9 @@ def finding_row(
         "study_instance_uid": sel.study_instance_uid,
         "series_instance_uid": sel.series_instance_uid,
         "patient_key": sel.patient_key,
-        "accession_key": _text(facts.get("accession_key")),
+        "accession_key": text_or_none(facts.get("accession_key")),
         "study_date": as_date(sel.study_date or facts.get("study_date")),
-        "manufacturer": _text(facts.get("manufacturer")),
+        "manufacturer": text_or_none(facts.get("manufacturer")),
         "slice_thickness_mm": float(thickness) if thickness not in (None, "") else None,
         "model_name": model_name,
         "model_version": model_version,
@@ -227,7 +219,7 @@ def failure_row(
     }
 
 
-def _text(value: Any) -> str | None:
+def text_or_none(value: Any) -> str | None:
     """A string, or None for None / NaN / empty (pandas fills missing strings with NaN)."""
     if value is None or value != value or value == "":
         return None

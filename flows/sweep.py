@@ -45,6 +45,7 @@ from pdacscreen.flows.outcomes import (
     StudyTask,
     failure_row,
     finding_row,
+    text_or_none,
 )
 from pdacscreen.flows.ray_pool import WorkItem, init_ray, run_pool
 from pdacscreen.flows.study_worker import EngineActor, load_study
@@ -389,23 +390,17 @@ def file_failures(index: pd.DataFrame, store_root: str, sweep_id: str) -> int:
             {
                 "stage": "index",
                 "scope": "file",
-                "study_instance_uid": _text(rec.get("study_instance_uid")),
-                "series_instance_uid": _text(rec.get("series_instance_uid")),
+                "study_instance_uid": text_or_none(rec.get("study_instance_uid")),
+                "series_instance_uid": text_or_none(rec.get("series_instance_uid")),
                 "path": str(rec.get("path")),
-                "error_code": _text(rec.get("error_code")) or ErrorCode.UNREADABLE,
-                "message": (_text(rec.get("error_message")) or "")[:2000],
+                "error_code": text_or_none(rec.get("error_code")) or ErrorCode.UNREADABLE,
+                "message": (text_or_none(rec.get("error_message")) or "")[:2000],
                 "occurred_at": now,
             }
         )
     if rows:
         store.append_failures(rows, sweep_id=sweep_id)
     return len(rows)
-
-
-def _text(value: Any) -> str | None:
-    if value is None or value != value or value == "":
-        return None
-    return str(value)
 
 
 def _preprocessing_text(package: ModelPackage) -> str:
