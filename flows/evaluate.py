@@ -3,7 +3,7 @@
 Steps: pick the model (``--model-version``, else the most recently used one) and each study's latest
 row for it; join to the labels by ``study_instance_uid``; list every study that cannot be scored
 (failed, skipped, not processed, no label, label missing or invalid) with its reason; score the rest
-with :mod:`pdacscreen.flows.metrics` (case level, lesion level, subgroups); write ``metrics.json``,
+with :mod:`pdacscreen.engine.metrics` (case level, lesion level, subgroups); write ``metrics.json``,
 ``exclusions.csv``, PNG plots and ``report.html`` (:mod:`pdacscreen.flows.report`).
 
 Subgroups (``--by``): ``size`` (reference lesion diameter < 20 mm / >= 20 mm) and ``location``
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pdacscreen.flows import metrics as M
+from pdacscreen.engine import metrics as M
 from pdacscreen.io.errors import InputError, PdacscreenError
 from pdacscreen.io.store import FindingsStore
 

@@ -15,7 +15,7 @@ from scipy.stats import norm
 from sklearn import metrics as skm
 from synthetic_store import make_synthetic_findings
 
-from pdacscreen.flows import metrics as M
+from pdacscreen.engine import metrics as M
 from pdacscreen.flows.cli import main
 from pdacscreen.flows.evaluate import evaluate, write
 from pdacscreen.io.errors import InputError
@@ -301,3 +301,33 @@ def test_minimal_labels_use_findings_for_acquisition_subgroups(evaluated, tmp_pa
     assert mm["subgroups"]["size"] == [] and len(mm["subgroups"]["vendor"]) == 4
     paths = write(res, tmp_path / "min")
     assert "not available: labels have no lesion_diameter_mm" in paths["report"].read_text()
+
+
+def test_assess_summary_and_evaluate_share_one_metrics_module():
+    """The model card (assess) and the evaluation report score cases with the same code."""
+    from pdacscreen.engine.training.assess import summarise
+
+    rng = np.random.default_rng(3)
+    y = np.r_[np.ones(30, int), np.zeros(50, int)]
+    p = np.clip(rng.normal(0.35 + 0.3 * y, 0.2), 0, 1)
+    rows = [
+        {
+            "probability": float(pi),
+            "pdac": int(yi),
+            "lesion_diameter_mm": 15.0 if yi else float("nan"),
+            "lesion_type": "pdac" if yi else "none",
+            "fatty_pancreas": False,
+            "localised": bool(yi),
+            "qc_flags": [],
+            "seconds": 1.0,
+        }
+        for pi, yi in zip(p, y, strict=True)
+    ]
+    s = summarise(rows, operating=0.5)
+    cm = M.case_metrics(y, p, threshold=0.5, specificities=(0.95,), n_boot=500)
+    assert s["auroc"] == pytest.approx(skm.roc_auc_score(y, p), abs=1e-12)
+    assert s["auroc_ci"] == [cm.auroc.ci_low, cm.auroc.ci_high]
+    assert (
+        s["sensitivity_operating"] == cm.at_threshold.sensitivity.value == np.mean(p[y == 1] >= 0.5)
+    )
+    assert s["threshold_spec95_here"] == cm.at_specificity[0].threshold

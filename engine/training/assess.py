@@ -23,13 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pdacscreen.engine.metrics import (
-    auroc,
-    bootstrap_ci,
-    sensitivity_at,
-    specificity_at,
-    threshold_for_specificity,
-)
+from pdacscreen.engine.metrics import case_metrics
 from pdacscreen.engine.training.dataset import StudyRecord, archive_records, load_study
 from pdacscreen.io.types import CTVolume
 
@@ -207,7 +201,9 @@ def summarise(rows: list[dict], *, operating: float) -> dict:
     other_neg = (y == 0) & ~cyst & ~fatty_neg
     detected = flag & (y == 1)
     loc = np.array([r["localised"] for r in rows])
-    t95 = threshold_for_specificity(p, y, 0.95)
+    # The same case metrics (and bootstrap) as `pdacscreen evaluate` reports.
+    cm = case_metrics(y, p, threshold=operating, specificities=(0.95,), n_boot=500)
+    at95 = cm.at_specificity[0]
     qc: dict[str, int] = {}
     for r in rows:
         for f in r["qc_flags"]:
@@ -222,12 +218,12 @@ def summarise(rows: list[dict], *, operating: float) -> dict:
         "cyst": int(cyst.sum()),
         "none": int(len(rows) - y.sum() - cyst.sum()),
         "operating_threshold": operating,
-        "auroc": auroc(p, y),
-        "auroc_ci": list(bootstrap_ci(p, y, auroc, n=500)),
-        "sensitivity_operating": sensitivity_at(p, y, operating),
-        "specificity_operating": specificity_at(p, y, operating),
-        "threshold_spec95_here": t95,
-        "sensitivity_at_spec95": sensitivity_at(p, y, t95),
+        "auroc": cm.auroc.value,
+        "auroc_ci": [cm.auroc.ci_low, cm.auroc.ci_high],
+        "sensitivity_operating": cm.at_threshold.sensitivity.value,
+        "specificity_operating": cm.at_threshold.specificity.value,
+        "threshold_spec95_here": at95.threshold,
+        "sensitivity_at_spec95": at95.sensitivity.value,
         "sensitivity_small": float(flag[small].mean()) if small.any() else float("nan"),
         "small_pdac": int(small.sum()),
         "sensitivity_large": float(flag[large].mean()) if large.any() else float("nan"),

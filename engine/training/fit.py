@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from pdacscreen.engine.errors import TrainingError
+from pdacscreen.engine.metrics import confusion_at, roc_auc
 from pdacscreen.engine.network import NetworkSpec, build_network
 from pdacscreen.engine.package import default_manifest, load_package
 from pdacscreen.engine.training.augment import AugmentConfig, sample_patch
@@ -205,10 +206,14 @@ def _thresholds(scores: np.ndarray, labels: np.ndarray) -> dict:
     return out
 
 
+def _sensitivity(y: np.ndarray, s: np.ndarray, threshold: float) -> float:
+    tp, fn, _, _ = confusion_at(y, s, threshold)
+    return tp / (tp + fn) if tp + fn else float("nan")
+
+
 def _validate(package_dir: Path, cases, *, threads: int, backend: str = "onnxruntime") -> dict:
     """Run the packaged detector on validation ``(volume, record)`` cases; scores and metrics."""
     from pdacscreen.engine.inference import Detector
-    from pdacscreen.engine.metrics import auroc, sensitivity_at
 
     det = Detector(load_package(package_dir), backend=backend, threads=threads)
     by_score: dict[str, list[float]] = {"cls": [], "lesion_peak": []}
@@ -226,7 +231,7 @@ def _validate(package_dir: Path, cases, *, threads: int, backend: str = "onnxrun
             rec.lesion_type,
         )
     y = np.array(labels)
-    aucs = {k: auroc(np.array(v), y) for k, v in by_score.items()}
+    aucs = {k: roc_auc(y, np.array(v)) for k, v in by_score.items()}
     # The study score with the better validation AUROC (ties: the classification head).
     score = "lesion_peak" if aucs["lesion_peak"] > aucs["cls"] else "cls"
     s = np.array(by_score[score])
@@ -237,9 +242,9 @@ def _validate(package_dir: Path, cases, *, threads: int, backend: str = "onnxrun
         "scores": s,
         "labels": y,
         "thresholds": th,
-        "auroc": auroc(s, y),
-        "sensitivity_at_95": sensitivity_at(s, y, th["specificity_95"]),
-        "sensitivity_at_99": sensitivity_at(s, y, th["specificity_99"]),
+        "auroc": roc_auc(y, s),
+        "sensitivity_at_95": _sensitivity(y, s, th["specificity_95"]),
+        "sensitivity_at_99": _sensitivity(y, s, th["specificity_99"]),
         "studies": len(labels),
         "positives": int(y.sum()),
     }
