@@ -33,13 +33,9 @@ class BackendUnavailableError(EngineError):
 
 
 class InferenceError(EngineError):
-    """Inference failed for one study. ``index`` is its position in a ``detect_batch`` call."""
+    """Inference failed for one study (``code`` names the typed cause)."""
 
     code = ErrorCode.INFERENCE_FAILED
-
-    def __init__(self, message: str, *, code: str | None = None, index: int | None = None) -> None:
-        super().__init__(message, code=code)
-        self.index = index
 
 
 class EngineInputError(InputError, EngineError):

@@ -1,17 +1,19 @@
 """The two-stage detector: a CT volume in, a :class:`StudyResult` (findings + masks) out.
 
-Per study (``detect``) or for several at once (``detect_batch``, windows of all studies share
-batches):
+Per study (``detect``):
 
-1. stage 1: resample the whole scan to the coarse grid (``stage1.spacing_mm``), normalise, run the
-   localiser window by window -> pancreas probability -> pancreas box (world mm) + QC;
-2. crop: sample only that box at the fine spacing (``crop_resample``; the box is capped by
-   ``max_box_mm`` so memory and window count are bounded for any scan size);
-3. stage 2: sliding window with Gaussian blending -> pancreas / lesion probabilities and the
-   study-level PDAC probability (max of the classification head over windows);
+1. stage 1: the whole scan on the coarse grid (:func:`pdacscreen.engine.preprocess.coarse_grid`,
+   :func:`~pdacscreen.engine.preprocess.model_input`), the localiser over it window by window
+   (:func:`pdacscreen.engine.tiling.sliding_window`) -> pancreas probability -> pancreas box
+   (world mm) + QC;
+2. crop: only that box at the fine spacing (:func:`~pdacscreen.engine.preprocess.fine_crop`; the
+   box is capped by ``max_box_mm`` so memory and window count are bounded for any scan size);
+3. stage 2: the detector by sliding window with Gaussian blending -> pancreas / lesion
+   probabilities and the study-level PDAC probability (max of the classification head over windows);
 4. postprocessing: organ mask, lesion candidates, measurements, location, QC flags.
 
-All pre- and postprocessing runs through :mod:`pdacscreen.kernels` (NumPy here, CuPy on a GPU).
+The model input is built only in :mod:`pdacscreen.engine.preprocess` (training uses the same
+functions); all array math runs through :mod:`pdacscreen.kernels` (NumPy here, CuPy on a GPU).
 Arrays are ``(z, y, x)``; affines map index ``(k, j, i, 1)`` to LPS mm.
 """
 
@@ -20,7 +22,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,9 +36,11 @@ from pdacscreen.engine.postprocess import (
     organ_mask,
     softmax,
 )
-from pdacscreen.engine.tiling import Blender, TilePlan, extract_patch, pad_to_plan, plan_tiles
+from pdacscreen.engine.preprocess import coarse_grid, fine_crop, model_input
+from pdacscreen.engine.tiling import sliding_window
 from pdacscreen.io.errors import PdacscreenError
 from pdacscreen.io.types import CTVolume
+from pdacscreen.kernels import noise_hu, to_host
 
 __all__ = ["Detector", "StudyResult", "StudyMasks", "FINDINGS_COLUMNS"]
 
@@ -110,9 +113,8 @@ class StudyResult:
 
 @dataclass
 class _Job:
-    """Working state of one study inside a batch."""
+    """Working state of one study through the two stages."""
 
-    index: int
     volume: CTVolume
     timings: dict = field(default_factory=dict)
     diagnostics: dict = field(default_factory=dict)
@@ -123,13 +125,6 @@ class _Job:
     crop_affine: np.ndarray | None = None
     crop_input: np.ndarray | None = None
     qc: list = field(default_factory=list)
-    error: Exception | None = None
-
-
-def _host(a):
-    from pdacscreen.kernels import to_host
-
-    return to_host(a)
 
 
 class Detector:
@@ -140,8 +135,7 @@ class Detector:
         config: an :class:`~pdacscreen.engine.config.EngineConfig` (resolved for this node when it
             still says ``auto``); it sets the backend and the batch.
         backend: inference backend name (see :mod:`pdacscreen.engine.backends`), when no config.
-        batch_size: windows per network call (windows of several studies share a batch), when no
-            config.
+        batch_size: windows per network call, when no config.
         kernel_backend: ``"auto" | "numpy" | "cupy"`` for pre/postprocessing kernels.
         threads: intra-op threads for ONNX Runtime (None: its default).
     """
@@ -178,35 +172,26 @@ class Detector:
 
     # ------------------------------------------------------------------ public API
     def detect(self, volume: CTVolume) -> StudyResult:
-        """Findings for one study."""
-        return self.detect_batch([volume])[0]
-
-    def detect_batch(self, volumes: Sequence[CTVolume]) -> list[StudyResult]:
-        """Findings for several studies; their windows are batched together.
+        """Findings for one study.
 
         Raises:
-            InferenceError: for the first study that fails (``.index`` says which; the caller can
-                retry the others), wrapping the typed cause.
+            InferenceError: wrapping the typed cause (``code`` says which), for input the
+                detector cannot take or a failure of a stage.
         """
-        jobs = [_Job(i, v) for i, v in enumerate(volumes)]
-        for job in jobs:
-            if not isinstance(job.volume, CTVolume):
-                raise InferenceError(
-                    f"detect_batch item {job.index} must be a CTVolume, got {type(job.volume).__name__}",
-                    code="bad_input",
-                    index=job.index,
-                )
+        if not isinstance(volume, CTVolume):
+            raise InferenceError(
+                f"detect takes a CTVolume, got {type(volume).__name__}", code="bad_input"
+            )
+        job = _Job(volume)
         try:
-            for job in jobs:
-                self._guard(job, self._prepare_stage1)
-            self._run_stage(jobs, "stage1")
-            for job in jobs:
-                self._guard(job, self._prepare_stage2)
-            self._run_stage([j for j in jobs if j.crop_input is not None], "stage2")
-            return [self._guard(job, self._finish) for job in jobs]
-        finally:
-            for job in jobs:  # free the big intermediates promptly
-                job.coarse_input = job.crop_input = None
+            self._guard(job, self._prepare_stage1)
+            self._guard(job, lambda j: self._run_stage(j, "stage1"))
+            self._guard(job, self._prepare_stage2)
+            if job.crop_input is not None:
+                self._guard(job, lambda j: self._run_stage(j, "stage2"))
+            return self._guard(job, self._finish)
+        finally:  # free the big intermediates promptly
+            job.coarse_input = job.crop_input = None
 
     # ------------------------------------------------------------------ stages
     def _guard(self, job: _Job, fn):
@@ -216,54 +201,25 @@ class Detector:
             raise
         except PdacscreenError as e:
             raise InferenceError(
-                f"study {job.index} ({job.volume.series_instance_uid or 'no uid'}): {e}",
-                code=e.code,
-                index=job.index,
+                f"study {job.volume.series_instance_uid or 'no uid'}: {e}", code=e.code
             ) from e
         except (ValueError, MemoryError, FloatingPointError) as e:
             raise InferenceError(
-                f"study {job.index} ({job.volume.series_instance_uid or 'no uid'}): "
-                f"{type(e).__name__}: {e}",
-                index=job.index,
+                f"study {job.volume.series_instance_uid or 'no uid'}: {type(e).__name__}: {e}"
             ) from e
 
-    def _to_input(self, hu) -> np.ndarray:
-        from pdacscreen.kernels import to_model_input
-
-        pre = self.package.preprocessing
-        x = to_model_input(
-            hu,
-            window=pre.window_hu,
-            mean=pre.mean,
-            std=pre.std,
-            dtype="float32",
-            backend=self.kernel_backend,
-        )
-        return np.asarray(_host(x), dtype=np.float32)
-
     def _prepare_stage1(self, job: _Job) -> None:
-        from pdacscreen.kernels import resample
-
         t0 = time.perf_counter()
-        st = self.package.stage1
-        vol = job.volume
-        coarse, caff = resample(
-            vol.array,
-            vol.affine,
-            st.spacing_mm,
-            order=1,
-            antialias=True,
-            fill=-1024.0,
-            backend=self.kernel_backend,
+        coarse, job.coarse_affine = coarse_grid(
+            job.volume, self.package.stage1.spacing_mm, backend=self.kernel_backend
         )
-        job.coarse_affine = np.asarray(caff)
-        job.coarse_input = self._to_input(coarse)
+        job.coarse_input = model_input(
+            coarse, self.package.preprocessing, backend=self.kernel_backend
+        )
         job.diagnostics["coarse_shape"] = tuple(int(s) for s in job.coarse_input.shape)
         job.timings["stage1_preprocess"] = time.perf_counter() - t0
 
     def _prepare_stage2(self, job: _Job) -> None:
-        from pdacscreen.kernels import crop_resample
-
         t0 = time.perf_counter()
         st2 = self.package.stage2
         post = self.package.postprocessing
@@ -285,67 +241,49 @@ class Detector:
             job.qc.append("pancreas_cut_by_fov")
         if loc.confidence < post.localisation_confidence_min:
             job.qc.append("low_localisation_confidence")
-        crop, caff = crop_resample(
+        crop, job.crop_affine = fine_crop(
             job.volume.array,
             job.volume.affine,
-            box_min=loc.box_min,
-            box_max=loc.box_max,
-            target_spacing=st2.spacing_mm,
-            order=1,
-            fill=-1024.0,
+            (loc.box_min, loc.box_max),
+            st2.spacing_mm,
             backend=self.kernel_backend,
         )
-        job.crop_hu = np.asarray(_host(crop), dtype=np.float32)
-        job.crop_affine = np.asarray(caff)
-        job.crop_input = self._to_input(job.crop_hu)
+        job.crop_hu = np.asarray(to_host(crop), dtype=np.float32)
+        job.crop_input = model_input(
+            job.crop_hu, self.package.preprocessing, backend=self.kernel_backend
+        )
         job.diagnostics["crop_shape"] = tuple(int(s) for s in job.crop_hu.shape)
         job.timings["crop"] = time.perf_counter() - t0
 
-    def _run_stage(self, jobs: list[_Job], name: str) -> None:
-        """Tile every job's input, run all windows in shared batches, blend per job."""
-        if not jobs:
-            return
+    def _run_stage(self, job: _Job, name: str) -> None:
+        """The stage's network over its input, window by window (:func:`tiling.sliding_window`)."""
+        t0 = time.perf_counter()
         st: StageSpec = self.package.stages[name]
         backend = self.backends[name]
         pre = self.package.preprocessing
-        pad_value = (pre.window_hu[0] - pre.mean) / pre.std
-        attr = "coarse_input" if name == "stage1" else "crop_input"
-        plans: list[TilePlan] = []
-        padded: list[np.ndarray] = []
-        blenders: list[Blender] = []
-        cls = [-math.inf] * len(jobs)
-        for job in jobs:
-            image = getattr(job, attr)
-            plan = plan_tiles(image.shape, patch=st.patch, overlap=st.overlap)
-            plans.append(plan)
-            padded.append(pad_to_plan(image[None], plan, value=pad_value))
-            blenders.append(Blender(plan, st.network.out_channels))
-            job.diagnostics[f"{name}_windows"] = plan.count
-        work = [(j, s) for j, plan in enumerate(plans) for s in plan.starts]
-        seconds = [0.0] * len(jobs)
-        for b in range(0, len(work), self.batch_size):
-            chunk = work[b : b + self.batch_size]
-            batch = np.stack([extract_patch(padded[j], s, st.patch) for j, s in chunk])
-            t0 = time.perf_counter()
-            out = backend.predict(np.ascontiguousarray(batch))
-            dt = (time.perf_counter() - t0) / len(chunk)
-            seg = np.asarray(_host(out["seg"]), dtype=np.float32)
-            cls_out = np.asarray(_host(out["cls"]), dtype=np.float32) if "cls" in out else None
-            for n, (j, s) in enumerate(chunk):
-                blenders[j].add(s, seg[n])
-                seconds[j] += dt
-                if cls_out is not None:
-                    cls[j] = max(cls[j], float(cls_out[n, 0]))
-        for j, job in enumerate(jobs):
-            t0 = time.perf_counter()
-            job.diagnostics[f"{name}_logits"] = blenders[j].result()
-            if name == "stage2":
-                job.diagnostics["cls_logit"] = cls[j]
-            job.timings[name] = seconds[j] + time.perf_counter() - t0
+
+        def predict(batch: np.ndarray) -> dict[str, np.ndarray]:
+            return {
+                k: np.asarray(to_host(v), dtype=np.float32)
+                for k, v in backend.predict(batch).items()
+            }
+
+        image = job.coarse_input if name == "stage1" else job.crop_input
+        out = sliding_window(
+            image,
+            patch=st.patch,
+            predict=predict,
+            overlap=st.overlap,
+            batch_size=self.batch_size,
+            pad_value=(pre.window_hu[0] - pre.mean) / pre.std,
+        )
+        job.diagnostics[f"{name}_windows"] = int(out["windows"])
+        job.diagnostics[f"{name}_logits"] = out["seg"]
+        if name == "stage2":
+            job.diagnostics["cls_logit"] = float(out["cls"][0]) if "cls" in out else -math.inf
+        job.timings[name] = time.perf_counter() - t0
 
     def _finish(self, job: _Job) -> StudyResult:
-        from pdacscreen.kernels import noise_hu
-
         t0 = time.perf_counter()
         post = self.package.postprocessing
         th = self.package.thresholds.operating
