@@ -92,6 +92,21 @@ class Preprocessing:
     mean: float
     std: float
 
+    @classmethod
+    def from_manifest(cls, pre: Mapping) -> Preprocessing:
+        """From model.json's ``preprocessing`` object, validated."""
+        window = _get(pre, "window_hu", list, "preprocessing.")
+        if len(window) != 2 or not window[0] < window[1]:
+            raise ModelPackageError(
+                f"model.json: preprocessing.window_hu must be [lo, hi], got {window}"
+            )
+        std = _get(pre, "std", float, "preprocessing.")
+        if std <= 0:
+            raise ModelPackageError(f"model.json: preprocessing.std must be > 0, got {std}")
+        return cls(
+            (float(window[0]), float(window[1])), _get(pre, "mean", float, "preprocessing."), std
+        )
+
 
 @dataclass(frozen=True)
 class StageSpec:
@@ -264,18 +279,7 @@ def load_package(path: Path | str | None = None) -> ModelPackage:
             raise ModelPackageError(
                 f"model package {root}: sha256 of {fname} is {actual}, model.json says {digest}"
             )
-    pre = _get(data, "preprocessing", dict, "")
-    window = _get(pre, "window_hu", list, "preprocessing.")
-    if len(window) != 2 or not window[0] < window[1]:
-        raise ModelPackageError(
-            f"model.json: preprocessing.window_hu must be [lo, hi], got {window}"
-        )
-    std = _get(pre, "std", float, "preprocessing.")
-    if std <= 0:
-        raise ModelPackageError(f"model.json: preprocessing.std must be > 0, got {std}")
-    preprocessing = Preprocessing(
-        (float(window[0]), float(window[1])), _get(pre, "mean", float, "preprocessing."), std
-    )
+    preprocessing = Preprocessing.from_manifest(_get(data, "preprocessing", dict, ""))
     stages_raw = _get(data, "stages", dict, "")
     stages = {s: _stage(root, s, _get(stages_raw, s, dict, "stages."), files) for s in STAGES}
     th = _get(data, "thresholds", dict, "")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pdacscreen.engine.network import NetworkSpec, build_network
-from pdacscreen.engine.package import default_manifest, load_package
+from pdacscreen.engine.package import Preprocessing, default_manifest, load_package
 from pdacscreen.engine.training.augment import NO_AUGMENT, AugmentConfig, sample_patch
 from pdacscreen.engine.training.dataset import CachedStudy, StudyRecord, preprocess_study
 from pdacscreen.engine.training.fit import (
@@ -54,7 +54,7 @@ def studies() -> list[CachedStudy]:
 
 def _train_once(studies, seed: int) -> tuple[dict, list]:
     set_determinism(seed, 1)
-    pre = default_manifest()["preprocessing"]
+    pre = Preprocessing.from_manifest(default_manifest()["preprocessing"])
     net = build_network(NetworkSpec(out_channels=3, base=4, depth=3, cls_head=True))
     draw = make_stage2_draw(studies, patch=(16, 16, 24), batch=2, pre=pre, aug=AugmentConfig())
     hist = train_stage(net, draw, settings=StageTraining(steps=3, log_every=1), seed=seed)
@@ -85,11 +85,11 @@ def test_cached_arrays_and_patches(studies):
         pdac.fine_hu, pdac.fine_label, centre=centre, patch=(8, 8, 8), rng=rng, cfg=AugmentConfig()
     )
     assert hu2.dtype == np.float32 and set(np.unique(lab2)) <= {0, 1, 2}
-    pre = default_manifest()["preprocessing"]
+    pre = Preprocessing.from_manifest(default_manifest()["preprocessing"])
     draw = make_stage1_draw(studies, patch=(16, 32, 32), batch=2, pre=pre, aug=NO_AUGMENT)
     b = draw(np.random.default_rng(1))
     assert b.x.shape == (2, 1, 16, 32, 32) and b.y.shape == (2, 16, 32, 32)
-    lo, hi = ((w - pre["mean"]) / pre["std"] for w in pre["window_hu"])
+    lo, hi = ((w - pre.mean) / pre.std for w in pre.window_hu)
     assert lo <= b.x.min() and b.x.max() <= hi + 1e-6
 
 
@@ -140,7 +140,7 @@ def test_train_cli_end_to_end(tmp_path):
 def test_batches_do_not_depend_on_workers(studies):
     from pdacscreen.engine.training.trainer import _batches, make_batch_pool, register_draw
 
-    pre = default_manifest()["preprocessing"]
+    pre = Preprocessing.from_manifest(default_manifest()["preprocessing"])
     draw = make_stage2_draw(studies, patch=(16, 16, 24), batch=2, pre=pre, aug=AugmentConfig())
     register_draw("test-stage", draw)
     serial = list(_batches(draw, "test-stage", 9, 5, None, 1))
@@ -174,7 +174,7 @@ def test_device_choice():
 
 def test_time_budget_lowers_the_step_count(studies):
     set_determinism(1, 1)
-    pre = default_manifest()["preprocessing"]
+    pre = Preprocessing.from_manifest(default_manifest()["preprocessing"])
     net = build_network(NetworkSpec(out_channels=2, base=4, depth=3))
     draw = make_stage1_draw(studies, patch=(16, 16, 16), batch=1, pre=pre, aug=NO_AUGMENT)
     hist = train_stage(

@@ -32,8 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pdacscreen.engine.errors import TrainingError
-from pdacscreen.io.types import CTVolume, voxel_to_world
+from pdacscreen.engine.errors import EngineInputError, TrainingError
+from pdacscreen.engine.preprocess import box_around, coarse_grid, fine_crop
+from pdacscreen.io.types import CTVolume
+from pdacscreen.kernels import resample, to_host
 
 __all__ = [
     "StudyRecord",
@@ -180,54 +182,28 @@ def load_study(record: StudyRecord) -> tuple[CTVolume, np.ndarray]:
     return volume, np.asarray(label, dtype=np.uint8)
 
 
-def _crop_box(
-    label: np.ndarray, affine: np.ndarray, margin_mm: float
-) -> tuple[np.ndarray, np.ndarray]:
-    idx = np.argwhere(label > 0)
-    if len(idx) == 0:
-        raise TrainingError("label map has no pancreas voxels")
-    lo, hi = idx.min(axis=0) - 0.5, idx.max(axis=0) + 0.5
-    corners = np.array(
-        [
-            [(lo, hi)[a][0], (lo, hi)[b][1], (lo, hi)[c][2]]
-            for a in (0, 1)
-            for b in (0, 1)
-            for c in (0, 1)
-        ]
-    )
-    world = voxel_to_world(affine, corners)
-    return world.min(axis=0) - margin_mm, world.max(axis=0) + margin_mm
-
-
 def preprocess_study(
-    volume: CTVolume, label: np.ndarray, *, coarse_mm: tuple, fine_mm: tuple
+    volume: CTVolume,
+    label: np.ndarray,
+    *,
+    coarse_mm: tuple,
+    fine_mm: tuple,
+    margin_mm: float = FINE_MARGIN_MM,
 ) -> dict[str, np.ndarray]:
-    """The cached arrays of one study (see module docstring)."""
-    from pdacscreen.kernels import crop_resample, resample, to_host
+    """The cached arrays of one study (see module docstring), made by :mod:`..preprocess`.
 
-    coarse, _ = resample(volume.array, volume.affine, coarse_mm, order=1, backend="numpy")
+    The HU grids are the ones the detector builds at inference (the same functions); only the
+    stage-2 box differs: here the true pancreas box plus ``margin_mm``, there stage 1's box.
+    """
+    coarse, _ = coarse_grid(volume, coarse_mm)
     organ = (label > 0).astype(np.float32)
     coarse_organ, _ = resample(organ, volume.affine, coarse_mm, order=1, fill=0.0, backend="numpy")
-    box_min, box_max = _crop_box(label, volume.affine, FINE_MARGIN_MM)
-    fine, _ = crop_resample(
-        volume.array,
-        volume.affine,
-        box_min=box_min,
-        box_max=box_max,
-        target_spacing=fine_mm,
-        order=1,
-        backend="numpy",
-    )
-    fine_label, _ = crop_resample(
-        label,
-        volume.affine,
-        box_min=box_min,
-        box_max=box_max,
-        target_spacing=fine_mm,
-        order=0,
-        fill=0,
-        backend="numpy",
-    )
+    try:
+        box = box_around(label, volume.affine, margin_mm)
+    except EngineInputError as e:
+        raise TrainingError(f"label map of {volume.series_instance_uid}: {e}") from e
+    fine, _ = fine_crop(volume.array, volume.affine, box, fine_mm)
+    fine_label, _ = fine_crop(label, volume.affine, box, fine_mm, labels=True)
     return {
         "coarse_hu": np.asarray(to_host(coarse)).astype(np.float16),
         "coarse_label": (np.asarray(to_host(coarse_organ)) >= 0.5).astype(np.uint8),

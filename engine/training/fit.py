@@ -31,7 +31,8 @@ import numpy as np
 from pdacscreen.engine.errors import TrainingError
 from pdacscreen.engine.metrics import confusion_at, roc_auc
 from pdacscreen.engine.network import NetworkSpec, build_network
-from pdacscreen.engine.package import default_manifest, load_package
+from pdacscreen.engine.package import Preprocessing, default_manifest, load_package
+from pdacscreen.engine.preprocess import model_input
 from pdacscreen.engine.training.augment import AugmentConfig, sample_patch
 from pdacscreen.engine.training.dataset import (
     CachedStudy,
@@ -113,11 +114,6 @@ def split_records(records: list, *, fraction: float, seed: int) -> tuple[list, l
     return sorted(train, key=lambda r: r.series_uid), sorted(val, key=lambda r: r.series_uid)
 
 
-def _normalise(hu: np.ndarray, pre: dict) -> np.ndarray:
-    lo, hi = pre["window_hu"]
-    return ((np.clip(hu, lo, hi) - pre["mean"]) / pre["std"]).astype(np.float32)
-
-
 def _centre_near(
     label: np.ndarray, rng: np.random.Generator, *, value: int | None, jitter: np.ndarray
 ) -> np.ndarray:
@@ -128,7 +124,7 @@ def _centre_near(
 
 
 def make_stage1_draw(
-    studies: list[CachedStudy], *, patch, batch: int, pre: dict, aug: AugmentConfig
+    studies: list[CachedStudy], *, patch, batch: int, pre: Preprocessing, aug: AugmentConfig
 ):
     """Batches of coarse whole-scan patches: 2/3 centred near the pancreas, 1/3 anywhere."""
 
@@ -144,7 +140,7 @@ def make_stage1_draw(
             hu, lab = sample_patch(
                 s.coarse_hu, s.coarse_label, centre=centre, patch=tuple(patch), rng=rng, cfg=aug
             )
-            xs.append(_normalise(hu, pre)[None])
+            xs.append(model_input(hu, pre)[None])
             ys.append(lab)
         return Batch(np.stack(xs), np.stack(ys).astype(np.int64))
 
@@ -152,7 +148,7 @@ def make_stage1_draw(
 
 
 def make_stage2_draw(
-    studies: list[CachedStudy], *, patch, batch: int, pre: dict, aug: AugmentConfig
+    studies: list[CachedStudy], *, patch, batch: int, pre: Preprocessing, aug: AugmentConfig
 ):
     """Batches of fine pancreas patches; window label = PDAC voxels inside the patch.
 
@@ -177,7 +173,7 @@ def make_stage2_draw(
             hu, lab = sample_patch(
                 s.fine_hu, s.fine_label, centre=centre, patch=tuple(patch), rng=rng, cfg=aug
             )
-            xs.append(_normalise(hu, pre)[None])
+            xs.append(model_input(hu, pre)[None])
             ys.append(lab)
             cs.append(1.0 if (lab == 2).sum() >= 4 else 0.0)
         return Batch(np.stack(xs), np.stack(ys).astype(np.int64), np.array(cs, np.float32))
@@ -336,7 +332,7 @@ def fit(opts: TrainOptions) -> int:
     device = resolve_device(opts.device)
     set_determinism(opts.seed, opts.threads, device=device)
     manifest = default_manifest(name=opts.name, version=opts.version)
-    pre = manifest["preprocessing"]
+    pre = Preprocessing.from_manifest(manifest["preprocessing"])
     st1, st2 = manifest["stages"]["stage1"], manifest["stages"]["stage2"]
     work = Path(os.environ.get("PDACSCREEN_WORK", "work"))
     records, studies, train_recs, val_recs, val_cases = _load_data(opts, st1, st2, work)
