@@ -16,11 +16,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from pdacscreen.engine.errors import EngineError
 from pdacscreen.engine.inference import StudyResult
-from pdacscreen.io.types import CTVolume, nifti_affine, world_to_voxel
+from pdacscreen.io.nifti import write_labels
+from pdacscreen.io.types import CTVolume, world_to_voxel
 
 __all__ = ["write_evidence", "masks_in_series_grid"]
 
@@ -75,26 +77,6 @@ def masks_in_series_grid(result: StudyResult, volume: CTVolume) -> tuple[np.ndar
     return pancreas, lesion
 
 
-def _write_nifti(mask: np.ndarray, volume: CTVolume, path: Path) -> None:
-    import nibabel as nib
-
-    img = nib.Nifti1Image(
-        np.ascontiguousarray(mask.transpose(2, 1, 0)), nifti_affine(volume.affine)
-    )
-    img.header.set_xyzt_units("mm")
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
-    # gzip without a timestamp keeps the file byte-identical across runs.
-    import gzip
-    import io
-
-    raw = io.BytesIO()
-    file_map = nib.Nifti1Image.make_file_map({"image": raw, "header": raw})
-    img.to_file_map(file_map)
-    with open(path, "wb") as f, gzip.GzipFile(filename="", mode="wb", fileobj=f, mtime=0) as gz:
-        gz.write(raw.getvalue())
-
-
 def _caption(result: StudyResult, package_label: str, k: int) -> str:
     flag = "FLAGGED" if result.pdac_flag else "not flagged"
     p = "n/a" if np.isnan(result.pdac_probability) else f"{result.pdac_probability:.3f}"
@@ -120,13 +102,12 @@ def write_evidence(
     ``package_label`` (caption) defaults to the model name and version the result came from.
     """
     package_label = package_label or str(result.diagnostics.get("model", "pdacscreen"))
-    from PIL import Image, ImageDraw
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pancreas, lesion = masks_in_series_grid(result, volume)
-    _write_nifti(pancreas, volume, out_dir / "pancreas_mask.nii.gz")
-    _write_nifti(lesion, volume, out_dir / "lesion_mask.nii.gz")
+    write_labels(pancreas, volume.affine, out_dir / "pancreas_mask.nii.gz")
+    write_labels(lesion, volume.affine, out_dir / "lesion_mask.nii.gz")
 
     masks = result.masks
     if masks is not None:

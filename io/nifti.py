@@ -5,10 +5,15 @@ pdacscreen arrays are ``(z, y, x)`` with an affine from index ``(k, j, i)`` to L
 data and converts the affine with :func:`pdacscreen.io.types.nifti_affine`; the affine goes into
 the sform (code 1, scanner) and qform (nibabel keeps the closest rigid part of a sheared affine,
 e.g. for a gantry-tilted series, so readers should prefer the sform).
+
+Output is deterministic: the same array and affine give the same bytes (``.nii.gz`` is written
+with a zero gzip timestamp and no file name), so evidence written twice is byte-identical.
 """
 
 from __future__ import annotations
 
+import gzip
+from io import BytesIO
 from pathlib import Path
 
 import nibabel as nib
@@ -31,8 +36,15 @@ def _write(data_zyx: np.ndarray, affine: np.ndarray, out: Path, *, dtype: np.dty
     img.set_sform(aff, code=1)
     img.set_qform(aff, code=1)
     img.header.set_xyzt_units("mm", "sec")
+    raw = BytesIO()
+    img.to_file_map(nib.Nifti1Image.make_file_map({"image": raw, "header": raw}))
     out.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(img, str(out))
+    with open(out, "wb") as f:
+        if out.name.endswith(".gz"):
+            with gzip.GzipFile(filename="", mode="wb", fileobj=f, mtime=0) as gz:
+                gz.write(raw.getvalue())
+        else:
+            f.write(raw.getvalue())
     return out
 
 

@@ -138,13 +138,12 @@ def test_train_cli_end_to_end(tmp_path):
 
 
 def test_batches_do_not_depend_on_workers(studies):
-    from pdacscreen.engine.training.trainer import _batches, make_batch_pool, register_draw
+    from pdacscreen.engine.training.trainer import _batches, make_batch_pool
 
     pre = Preprocessing.from_manifest(default_manifest()["preprocessing"])
     draw = make_stage2_draw(studies, patch=(16, 16, 24), batch=2, pre=pre, aug=AugmentConfig())
-    register_draw("test-stage", draw)
     serial = list(_batches(draw, "test-stage", 9, 5, None, 1))
-    pool = make_batch_pool(2)
+    pool = make_batch_pool(2, {"test-stage": draw})
     assert pool is not None
     try:
         pooled = list(_batches(draw, "test-stage", 9, 5, pool, 2))

@@ -48,7 +48,6 @@ from pdacscreen.engine.training.trainer import (
     Batch,
     StageTraining,
     make_batch_pool,
-    register_draw,
     resolve_device,
     set_determinism,
     train_stage,
@@ -348,9 +347,9 @@ def fit(opts: TrainOptions) -> int:
     patch2 = tuple(opts.train_patch2) if opts.train_patch2 else tuple(st2["patch"])
     draw1 = make_stage1_draw(studies, patch=st1["patch"], batch=opts.batch, pre=pre, aug=aug)
     draw2 = make_stage2_draw(studies, patch=patch2, batch=opts.batch, pre=pre, aug=aug)
-    register_draw("stage1", draw1)
-    register_draw("stage2", draw2)
-    pool = make_batch_pool(opts.workers)  # forked before CUDA is touched
+    pool = make_batch_pool(
+        opts.workers, {"stage1": draw1, "stage2": draw2}
+    )  # forked before CUDA is touched
     budget = None if opts.max_minutes is None else 60.0 * opts.max_minutes
     try:
         net1 = build_network(NetworkSpec(out_channels=2, base=opts.base1, depth=3))

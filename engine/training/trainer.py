@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing as mp
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,7 +30,6 @@ __all__ = [
     "train_stage",
     "set_determinism",
     "resolve_device",
-    "register_draw",
     "make_batch_pool",
 ]
 
@@ -82,15 +83,15 @@ def resolve_device(device: str) -> str:
     return device
 
 
-# Batch drawing in worker processes.  ``draw`` callables are closures over the training studies,
-# so they are registered here before the pool is forked and looked up by name in the workers.
-_DRAWS: dict[str, Callable[[np.random.Generator], Batch]] = {}
+# Batch drawing in worker processes.  ``draw`` callables are closures over the training studies:
+# the pool's initializer hands them to each forked worker (fork passes them without pickling), and
+# only the workers hold them.
+_WORKER_DRAWS: dict[str, Callable[[np.random.Generator], Batch]] = {}
 PREFETCH = 32  # batches in flight in the pool (at batch 16 of 24x40x56: about 110 MB)
 
 
-def register_draw(name: str, draw: Callable[[np.random.Generator], Batch]) -> None:
-    """Make ``draw`` available to batch workers forked after this call."""
-    _DRAWS[name] = draw
+def _init_worker(draws: dict[str, Callable[[np.random.Generator], Batch]]) -> None:
+    _WORKER_DRAWS.update(draws)
 
 
 def _step_rng(seed: int, step: int) -> np.random.Generator:
@@ -100,19 +101,18 @@ def _step_rng(seed: int, step: int) -> np.random.Generator:
 
 def _draw_task(job: tuple[str, int, int]) -> Batch:
     name, seed, step = job
-    return _DRAWS[name](_step_rng(seed, step))
+    return _WORKER_DRAWS[name](_step_rng(seed, step))
 
 
-def make_batch_pool(workers: int):
-    """A forked process pool for :func:`train_stage` (``None`` for ``workers <= 1``).
-
-    Fork it after :func:`register_draw` and before CUDA is initialised in this process.
+def make_batch_pool(workers: int, draws: dict[str, Callable[[np.random.Generator], Batch]]):
+    """A forked process pool drawing the batches of ``draws`` (by name) for :func:`train_stage`;
+    ``None`` for ``workers <= 1``. Fork it before CUDA is initialised in this process.
     """
-    import multiprocessing as mp
-
     if workers <= 1 or "fork" not in mp.get_all_start_methods():
         return None
-    return mp.get_context("fork").Pool(processes=int(workers))
+    return mp.get_context("fork").Pool(
+        processes=int(workers), initializer=_init_worker, initargs=(dict(draws),)
+    )
 
 
 def _batches(draw, name: str, seed: int, steps: int, pool, prefetch: int):
@@ -121,8 +121,6 @@ def _batches(draw, name: str, seed: int, steps: int, pool, prefetch: int):
         for step in range(steps):
             yield draw(_step_rng(seed, step))
         return
-    from collections import deque
-
     pending: deque = deque()
     nxt = 0
     while nxt < steps and len(pending) < prefetch:
@@ -167,7 +165,7 @@ def train_stage(
 
     Learning rate: linear warm-up over 5% of the steps, then cosine decay to 2% of ``lr``.
     Batch ``i`` is drawn with its own generator seeded by ``(seed, i)``, in this process or in
-    ``pool`` (see :func:`make_batch_pool`; ``draw`` must then be registered under ``name``).
+    ``pool`` (see :func:`make_batch_pool`; ``draw`` must then be among its ``draws`` under ``name``).
     ``max_seconds``: at step 60 (timed from step 20) the step count is lowered, once, to what
     fits the budget (logged, and visible in the history's last ``step``); the schedule follows it.
     The network ends on the CPU in eval mode.

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from pdacscreen.io.errors import InputError
+from pdacscreen.io.nifti import write_labels
 from pdacscreen.io.phantom.subject import MATRICES, make_subject
 
 __all__ = ["ArchiveSummary", "generate_archive", "study_plan", "render_preview"]
@@ -71,10 +72,7 @@ def study_plan(seed: int, index: int, pdac_fraction: float) -> tuple[int, bool]:
 def _one_study(args: tuple) -> dict:
     """Worker: make subject ``index``, write its DICOM study and label map; return its truth row."""
     out, seed, index, matrix, compress, pdac_fraction, preview = args
-    import nibabel as nib
-
     from pdacscreen.io.phantom.dicom import write_study
-    from pdacscreen.io.types import nifti_affine
 
     out = Path(out)
     sub_seed, is_pdac = study_plan(seed, index, pdac_fraction)
@@ -84,14 +82,8 @@ def _one_study(args: tuple) -> dict:
     row.update(sub.truth)
     lab_path = out / "labels" / f"{row['noncontrast_series_uid']}.nii.gz"
     lab_path.parent.mkdir(parents=True, exist_ok=True)
-    img = nib.Nifti1Image(
-        np.ascontiguousarray(sub.labels.transpose(2, 1, 0)), nifti_affine(sub.affine)
-    )
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
-    img.header.set_xyzt_units("mm")
     tmp = lab_path.with_name(lab_path.name + ".part.nii.gz")
-    nib.save(img, tmp)
+    write_labels(sub.labels, sub.affine, tmp)
     os.replace(tmp, lab_path)
     row["label_path"] = lab_path.relative_to(out).as_posix()
     if preview:
