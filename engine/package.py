@@ -16,8 +16,10 @@ Format ``pdacscreen-model/1`` (documented for users in the package README and th
       stages.stage2     detector: the same plus margin_mm [z, y, x] and max_box_mm [z, y, x]
       thresholds        {operating, specificity_95, specificity_99, method}
       postprocessing    {pancreas_threshold, lesion_threshold, min_pancreas_ml, min_lesion_ml,
-                         localisation_confidence_min, contrast_blood_pool_hu, noise_hu_max,
+                         localisation_confidence_min, noise_hu_max,
                          score (optional: "cls" | "lesion_peak")}
+                        (packages made before 0.3 also hold contrast_blood_pool_hu: ignored, the
+                        contrast phase is the selection rules' ``phase_check``)
 
 Loading checks that every listed file exists and matches its sha256 and that every required field
 is present with the right type; each problem is a :class:`ModelPackageError` naming the field or
@@ -139,7 +141,6 @@ class Postprocessing:
     min_pancreas_ml: float
     min_lesion_ml: float
     localisation_confidence_min: float
-    contrast_blood_pool_hu: float
     noise_hu_max: float
     score: str = "cls"
 
@@ -372,7 +373,6 @@ def default_manifest(*, name: str = "pdacscreen-reference", version: str = "0.0.
             "min_pancreas_ml": 5.0,
             "min_lesion_ml": 0.05,
             "localisation_confidence_min": 0.6,
-            "contrast_blood_pool_hu": 70.0,
             "noise_hu_max": 30.0,
         },
     }

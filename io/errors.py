@@ -18,7 +18,6 @@ __all__ = [
     "NotAVolumeError",
     "GeometryError",
     "UnsupportedTransferSyntaxError",
-    "SelectionError",
 ]
 
 
@@ -148,12 +147,6 @@ class GeometryError(PdacscreenError):
     """Slice geometry that cannot be trusted (gap, mixed shapes, mixed orientation ...)."""
 
     code = ErrorCode.BAD_GEOMETRY
-
-
-class SelectionError(PdacscreenError):
-    """No series of a study is eligible for the non-contrast engine."""
-
-    code = ErrorCode.NO_ELIGIBLE_SERIES
 
 
 # --- appended by the ingest helper (issue 3) ---------------------------------------------------
