@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from pdacscreen.engine.errors import BackendUnavailableError, EngineInputError
-from pdacscreen.engine.package import StageSpec
+from pdacscreen.engine.package import StageSpec, sha256_file
 
 __all__ = [
     "BACKENDS",
@@ -321,7 +321,6 @@ def open_backend(
     max_batch: int = 8,
 ) -> Backend:
     """Open ``stage`` on the requested backend (see module docstring for the names)."""
-    from pdacscreen.engine.package import sha256_file
 
     resolved = resolve_backend(backend)
     if resolved == "onnxruntime":

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pdacscreen.io.types import voxel_to_world
+from pdacscreen.kernels import connected_components, to_host
 
 __all__ = [
     "Localisation",
@@ -44,7 +45,6 @@ def softmax(logits: np.ndarray, axis: int = 0) -> np.ndarray:
 
 def _components(mask: np.ndarray, affine: np.ndarray, min_voxels: int):
     """(components largest first, int32 label image on the host; 0 = none/dropped)."""
-    from pdacscreen.kernels import connected_components, to_host
 
     comps, labels = connected_components(
         mask, affine, connectivity=26, min_voxels=max(1, int(min_voxels)), return_labels=True

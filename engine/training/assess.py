@@ -22,10 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
+from pdacscreen.engine.evidence import masks_in_series_grid
+from pdacscreen.engine.inference import Detector
 from pdacscreen.engine.metrics import case_metrics
+from pdacscreen.engine.package import load_package
 from pdacscreen.engine.training.dataset import StudyRecord, archive_records, load_study
-from pdacscreen.io.types import CTVolume
+from pdacscreen.engine.training.modelcard import write_model_card
+from pdacscreen.io.phantom.archive import study_plan
+from pdacscreen.io.phantom.subject import make_subject
+from pdacscreen.io.types import CTVolume, world_to_voxel
 
 __all__ = [
     "Case",
@@ -41,10 +48,6 @@ log = logging.getLogger(__name__)
 
 def _localised(result, volume, label: np.ndarray, truth: dict) -> bool:
     """A predicted lesion component hits the true lesion (IoU >= 0.1 or holds its centre)."""
-    from scipy import ndimage
-
-    from pdacscreen.engine.evidence import masks_in_series_grid
-    from pdacscreen.io.types import world_to_voxel
 
     if result.masks is None or not result.masks.lesion.any():
         return False
@@ -106,8 +109,6 @@ def phantom_cases(
     archive's; ``slice_thickness_mm`` (cycled over studies) and ``noise_hu`` override the
     acquisition (the "hard" archive).  Volumes are cached as int16 under ``cache``.
     """
-    from pdacscreen.io.phantom.archive import study_plan
-    from pdacscreen.io.phantom.subject import make_subject
 
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -145,8 +146,6 @@ def assess_cases(
     cases: Iterable[Case], package_dir: Path | None, *, threads: int | None = None
 ) -> list[dict]:
     """One row per study: truth, prediction, localisation hit, QC flags, seconds."""
-    from pdacscreen.engine.inference import Detector
-    from pdacscreen.engine.package import load_package
 
     det = Detector(load_package(package_dir), backend="onnxruntime", threads=threads)
     rows = []
@@ -239,7 +238,6 @@ def summarise(rows: list[dict], *, operating: float) -> dict:
 
 def update_card(root: Path, *, name: str, summary: dict, notes: list[str] = ()) -> Path:
     """Merge one archive's summary into ``root/assessment.json`` and regenerate the README."""
-    from pdacscreen.engine.training.modelcard import write_model_card
 
     path = Path(root) / "assessment.json"
     if path.is_file():

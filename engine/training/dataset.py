@@ -25,16 +25,25 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing as mp
 from collections import defaultdict
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import pydicom
 
 from pdacscreen.engine.errors import EngineInputError, TrainingError
 from pdacscreen.engine.preprocess import box_around, coarse_grid, fine_crop
+from pdacscreen.io.nifti import read_nifti
+from pdacscreen.io.phantom.archive import study_plan
+from pdacscreen.io.phantom.subject import make_subject, subject_findings
+from pdacscreen.io.pseudonym import DEMO_KEY
 from pdacscreen.io.types import CTVolume
+from pdacscreen.io.volume import load_series
 from pdacscreen.kernels import resample, to_host
 
 __all__ = [
@@ -91,7 +100,6 @@ class CachedStudy:
 
 def _series_files(folder: Path) -> dict[str, list[str]]:
     """SeriesInstanceUID -> files, from a header-only read of every file under ``folder``."""
-    import pydicom
 
     out: dict[str, list[str]] = defaultdict(list)
     for path in sorted(folder.rglob("*")):
@@ -116,7 +124,6 @@ def _col(row, *names, default=None):
 
 def archive_records(archive: Path) -> list[StudyRecord]:
     """Every study of a phantom archive with its non-contrast series files and label map."""
-    import pandas as pd
 
     archive = Path(archive)
     truth_path = archive / "truth.parquet"
@@ -166,9 +173,6 @@ def archive_records(archive: Path) -> list[StudyRecord]:
 
 def load_study(record: StudyRecord) -> tuple[CTVolume, np.ndarray]:
     """The study's non-contrast volume and its label map ``(z, y, x)`` uint8 in the same grid."""
-    from pdacscreen.io.nifti import read_nifti
-    from pdacscreen.io.pseudonym import DEMO_KEY
-    from pdacscreen.io.volume import load_series
 
     # Training writes no patient keys anywhere: the demo key only names the volume in memory.
     volume = load_series(
@@ -279,8 +283,6 @@ class PhantomRecord:
 def phantom_records(*, seed: int, studies: int, pdac_fraction: float = 0.5) -> list[PhantomRecord]:
     """The records of studies ``0..studies-1`` of ``seed`` from their drawn findings alone
     (no subject is rendered), so the split can be made before the studies are."""
-    from pdacscreen.io.phantom.archive import study_plan
-    from pdacscreen.io.phantom.subject import subject_findings
 
     if studies < 4:
         raise TrainingError(f"--phantoms needs at least 4 studies, got {studies}")
@@ -306,7 +308,6 @@ def _phantom_study(args: tuple) -> tuple[str, dict[str, np.ndarray], tuple | Non
     """Worker: render one subject and preprocess it like a cached study; the raw volume
     ``(hu int16, spacing, affine)`` only when asked for (validation), so training scans stay
     in the worker."""
-    from pdacscreen.io.phantom.subject import make_subject
 
     sub_seed, lesion_type, matrix, coarse_mm, fine_mm, keep_volume = args
     # pdac=, as `pdacscreen phantom` does: the same subject as the archive's study
@@ -335,8 +336,6 @@ def make_phantom_studies(
     ``records``) and ``{record.index: (hu int16, spacing, affine)}`` for the indices in
     ``keep_volumes``.  Parallel over ``workers`` processes; the result does not depend on it.
     """
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
 
     jobs = [
         (

@@ -16,6 +16,7 @@ import torch
 
 from pdacscreen.engine.errors import EngineError
 from pdacscreen.engine.network import UNet3d
+from pdacscreen.engine.package import write_manifest
 
 __all__ = ["OPSET", "export_onnx", "onnx_parity"]
 
@@ -82,7 +83,6 @@ def write_package(
     ``manifest`` is model.json without ``files`` and without the stages' ``onnx``/``weights``/
     ``network`` entries, which are filled in here; returns the package folder.
     """
-    from pdacscreen.engine.package import write_manifest
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ backend.  ``python -m pdacscreen.flows.cli_train`` runs the same command without
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from pdacscreen.engine.errors import TrainingError
+from pdacscreen.engine.inference import Detector
 from pdacscreen.engine.metrics import confusion_at, roc_auc
 from pdacscreen.engine.network import NetworkSpec, build_network
 from pdacscreen.engine.package import Preprocessing, default_manifest, load_package
@@ -44,6 +46,8 @@ from pdacscreen.engine.training.dataset import (
     make_phantom_studies,
     phantom_records,
 )
+from pdacscreen.engine.training.export import write_package
+from pdacscreen.engine.training.modelcard import write_model_card
 from pdacscreen.engine.training.trainer import (
     Batch,
     StageTraining,
@@ -52,6 +56,7 @@ from pdacscreen.engine.training.trainer import (
     set_determinism,
     train_stage,
 )
+from pdacscreen.io.types import CTVolume
 
 __all__ = [
     "TrainOptions",
@@ -208,7 +213,6 @@ def _sensitivity(y: np.ndarray, s: np.ndarray, threshold: float) -> float:
 
 def _validate(package_dir: Path, cases, *, threads: int, backend: str = "onnxruntime") -> dict:
     """Run the packaged detector on validation ``(volume, record)`` cases; scores and metrics."""
-    from pdacscreen.engine.inference import Detector
 
     det = Detector(load_package(package_dir), backend=backend, threads=threads)
     by_score: dict[str, list[float]] = {"cls": [], "lesion_peak": []}
@@ -254,7 +258,6 @@ def _train_command() -> str:
 
 def _phantom_command(archive: Path, studies: int) -> str:
     """The ``pdacscreen phantom`` command that made ``archive`` (from its phantom.json)."""
-    import json
 
     meta_path = Path(archive) / "phantom.json"
     if not meta_path.is_file():
@@ -274,8 +277,6 @@ def _load_data(opts, st1: dict, st2: dict, work: Path):
     """
     coarse_mm, fine_mm = tuple(st1["spacing_mm"]), tuple(st2["spacing_mm"])
     if opts.phantoms is not None:
-        from pdacscreen.io.types import CTVolume
-
         records = phantom_records(
             seed=opts.phantom_seed, studies=opts.phantoms, pdac_fraction=opts.pdac_fraction
         )
@@ -322,9 +323,6 @@ def _load_data(opts, st1: dict, st2: dict, work: Path):
 
 def fit(opts: TrainOptions) -> int:
     from rich.console import Console
-
-    from pdacscreen.engine.training.export import write_package
-    from pdacscreen.engine.training.modelcard import write_model_card
 
     console = Console(stderr=True)
     t_start = time.perf_counter()

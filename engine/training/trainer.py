@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pdacscreen.engine.errors import TrainingError
 from pdacscreen.engine.network import UNet3d
 
 __all__ = [
@@ -72,7 +73,6 @@ def set_determinism(seed: int, threads: int, *, device: str = "cpu") -> None:
 
 def resolve_device(device: str) -> str:
     """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; an impossible choice is an error."""
-    from pdacscreen.engine.errors import TrainingError
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
