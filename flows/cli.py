@@ -14,6 +14,9 @@ import os
 import sys
 from pathlib import Path
 
+from pdacscreen.io.errors import PseudonymKeyError
+from pdacscreen.io.pseudonym import load_key
+
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "phantom": ("pdacscreen.flows.cli_phantom", "write a synthetic CT archive with ground truth"),
@@ -31,6 +34,24 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("pdacscreen.flows.evaluate", "evaluate findings against reference labels"),
     "worklist": ("pdacscreen.flows.worklist", "write a radiologist's worklist of flagged studies"),
 }
+
+
+def add_key_argument(parser: argparse.ArgumentParser) -> None:
+    """``--demo-key``, for every command that makes pseudonymous keys (index, volume, sweep)."""
+    parser.add_argument(
+        "--demo-key",
+        action="store_true",
+        help="use the public demo pseudonym key (synthetic archives only; make demo and the tests)",
+    )
+
+
+def key_or_none(args: argparse.Namespace, console) -> bytes | None:
+    """The pseudonym key (``load_key``), or None after printing why there is none (exit 2)."""
+    try:
+        return load_key(demo=args.demo_key)
+    except PseudonymKeyError as e:
+        console.print(f"[red]{e}[/red]")
+        return None
 
 
 _AF_UNIX_MAX = 107  # bytes in a sockaddr_un path (Linux), the limit Ray's sockets must fit

@@ -6,9 +6,8 @@ import argparse
 from dataclasses import asdict
 from pathlib import Path
 
-from pdacscreen.io.errors import PseudonymKeyError
+from pdacscreen.flows.cli import add_key_argument, key_or_none
 from pdacscreen.io.index import read_index, update_index
-from pdacscreen.io.pseudonym import load_key
 
 __all__ = ["add_arguments", "run"]
 
@@ -21,19 +20,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers", type=int, default=None, help="worker processes (default: CPUs)"
     )
-    parser.add_argument(
-        "--demo-key", action="store_true", help="use the public demo pseudonym key (synthetic data)"
-    )
+    add_key_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     console = Console()
-    try:
-        key = load_key(demo=args.demo_key)
-    except PseudonymKeyError as e:
-        console.print(f"[red]{e}[/red]")
+    if (key := key_or_none(args, console)) is None:
         return 2
     upd = update_index(args.archive, args.index, key=key, workers=args.workers)
     df = read_index(args.index)

@@ -10,9 +10,9 @@ import os
 import socket
 from pathlib import Path
 
+from pdacscreen.flows.cli import add_key_argument, key_or_none
 from pdacscreen.flows.sweep import PROGRESS, nightly_sweep
 from pdacscreen.io.errors import ErrorCode
-from pdacscreen.io.pseudonym import load_key
 
 __all__ = ["add_arguments", "run", "start_prefect"]
 
@@ -96,11 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "fp32", "fp16", "int8"],
         help="engine precision",
     )
-    parser.add_argument(
-        "--demo-key",
-        action="store_true",
-        help="use the public demo pseudonym key (synthetic archives only; make demo and the tests)",
-    )
+    add_key_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,10 +108,7 @@ def run(args: argparse.Namespace) -> int:
     from pdacscreen.io.store import FindingsStore
 
     console = Console()
-    try:  # refuse at once, before Prefect and Ray start, without a pseudonym key
-        load_key(demo=args.demo_key)
-    except PdacscreenError as e:
-        console.print(f"[red]{e}[/red]")
+    if key_or_none(args, console) is None:  # refuse at once, before Prefect and Ray start
         return 2
     store = FindingsStore(args.store)
     try:  # fail at once, before Prefect and Ray start, if another sweep holds the store

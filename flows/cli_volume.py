@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pdacscreen.io.errors import PseudonymKeyError
-from pdacscreen.io.pseudonym import load_key
+from pdacscreen.flows.cli import add_key_argument, key_or_none
+from pdacscreen.io.errors import PdacscreenError
+from pdacscreen.io.nifti import write_nifti
 from pdacscreen.io.volume import load_series, series_files
 
 __all__ = ["add_arguments", "run"]
@@ -23,22 +24,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="decoding processes")
     parser.add_argument("--on-uneven", choices=("resample", "refuse"), default="resample")
     parser.add_argument("--on-missing-slice", choices=("refuse", "resample"), default="refuse")
-    parser.add_argument(
-        "--demo-key", action="store_true", help="use the public demo pseudonym key (synthetic data)"
-    )
+    add_key_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from pdacscreen.io.errors import PdacscreenError
-    from pdacscreen.io.nifti import write_nifti
-
     console = Console()
-    try:
-        key = load_key(demo=args.demo_key)
-    except PseudonymKeyError as e:
-        console.print(f"[red]{e}[/red]")
+    if (key := key_or_none(args, console)) is None:
         return 2
     try:
         if args.series is not None:
