@@ -60,7 +60,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-minutes",
         type=float,
         default=None,
-        help="cap on the training time of both stages: step counts are lowered to fit (recorded)",
+        help="stop after M minutes with a checkpoint (exit 75; continue with --resume); the "
+        "schedule is never shortened",
+    )
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        help="continue the run this checkpoint came from (same options; any device)",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="checkpoint file (default: OUT.checkpoint.pt beside the package)",
+    )
+    parser.add_argument(
+        "--checkpoint-minutes", type=float, default=5.0, help="minutes between checkpoints"
     )
     parser.add_argument("--name", default="pdacscreen-reference")
     parser.add_argument("--version", default="0.1.0")

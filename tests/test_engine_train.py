@@ -142,11 +142,11 @@ def test_batches_do_not_depend_on_workers(studies):
 
     pre = Preprocessing.from_manifest(default_manifest()["preprocessing"])
     draw = make_stage2_draw(studies, patch=(16, 16, 24), batch=2, pre=pre, aug=AugmentConfig())
-    serial = list(_batches(draw, "test-stage", 9, 5, None, 1))
+    serial = list(_batches(draw, "test-stage", 9, 0, 5, None, 1))
     pool = make_batch_pool(2, {"test-stage": draw})
     assert pool is not None
     try:
-        pooled = list(_batches(draw, "test-stage", 9, 5, pool, 2))
+        pooled = list(_batches(draw, "test-stage", 9, 0, 5, pool, 2))
     finally:
         pool.terminate()
     assert len(serial) == len(pooled) == 5
@@ -171,21 +171,61 @@ def test_device_choice():
             resolve_device("cuda")
 
 
-def test_time_budget_lowers_the_step_count(studies):
-    set_determinism(1, 1)
+def test_pause_and_resume_equals_one_run(studies):
+    """N steps, a pause (as on SIGTERM or a spent budget), a resume to 2N == 2N steps in one go."""
+    from pdacscreen.engine.training.trainer import TrainingPaused, TrainState
+
     pre = Preprocessing.from_manifest(default_manifest()["preprocessing"])
-    net = build_network(NetworkSpec(out_channels=2, base=4, depth=3))
-    draw = make_stage1_draw(studies, patch=(16, 16, 16), batch=1, pre=pre, aug=NO_AUGMENT)
-    hist = train_stage(
-        net,
-        draw,
-        settings=StageTraining(steps=100_000, log_every=10),
-        seed=1,
-        max_seconds=0.001,
-    )
-    # lowered at step 60 to the minimum the budget allows, and the schedule ended there
-    assert hist[-1]["step"] == 61
-    assert hist[-1]["lr"] < 0.1 * StageTraining(steps=1).lr
+    draw = make_stage2_draw(studies, patch=(16, 16, 24), batch=2, pre=pre, aug=AugmentConfig())
+    settings = StageTraining(steps=12, log_every=4)
+
+    def net():
+        set_determinism(5, 1)
+        return build_network(NetworkSpec(out_channels=3, base=4, depth=3, cls_head=True))
+
+    straight = net()
+    hist_straight = train_stage(straight, draw, settings=settings, seed=5)
+
+    paused, saved = net(), []
+    done = iter(range(100))
+    with pytest.raises(TrainingPaused) as exc:
+        train_stage(
+            paused,
+            draw,
+            settings=settings,
+            seed=5,
+            on_checkpoint=saved.append,
+            should_stop=lambda: next(done) == 5,  # after step 6 of 12, between two log entries
+        )
+    state = exc.value.state
+    assert state.step == 6 and saved[-1] is state and state.loss_count == 2
+    state = TrainState.from_dict(state.as_dict())  # as a checkpoint file holds it
+    resumed = net()  # fresh weights: everything must come from the state
+    hist_resumed = train_stage(resumed, draw, settings=settings, seed=5, start=state)
+    assert [h["step"] for h in hist_resumed] == [h["step"] for h in hist_straight] == [4, 8, 12]
+    for a, b in zip(hist_straight, hist_resumed, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["lr"] == b["lr"]
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_train_cli_pauses_and_resumes(tmp_path):
+    """`pdacscreen train --max-minutes 0` pauses with a checkpoint; `--resume` finishes the run."""
+    from pdacscreen.engine.training.fit import EXIT_PAUSED
+    from pdacscreen.flows.cli_train import main
+
+    out = tmp_path / "pkg"
+    args = ["--phantoms", "6", "--phantom-seed", "31", "--matrix", "128", "--out", str(out)]
+    args += ["--stage1-steps", "3", "--stage2-steps", "3", "--base1", "4", "--base2", "4"]
+    assert main([*args, "--max-minutes", "0"]) == EXIT_PAUSED
+    ckpt = tmp_path / "pkg.checkpoint.pt"
+    assert ckpt.is_file() and not (out / "model.json").exists()
+    with pytest.raises(Exception, match="other training options"):
+        main([*args, "--seed", "9", "--resume", str(ckpt)])
+    assert main([*args, "--resume", str(ckpt)]) == 0
+    meta = json.loads((out / "model.json").read_text())["training_data"]
+    assert meta["stage1_steps"] == 3 and meta["stage2_steps"] == 3 and meta["sessions"] == 2
+    assert not ckpt.exists()  # removed once the package is written
 
 
 def test_train_from_phantoms_in_memory(tmp_path):
@@ -232,3 +272,18 @@ def test_train_from_phantoms_in_memory(tmp_path):
     )
     assert len(arrays) == 4 and all(a["fine_label"].max() >= 1 for a in arrays)
     assert set(volumes) == {2} and volumes[2][0].dtype == np.int16
+
+
+def test_sigterm_requests_a_pause_and_the_handler_is_restored():
+    import os
+    import signal
+
+    from pdacscreen.engine.training.fit import _StopRequest
+
+    before = signal.getsignal(signal.SIGTERM)
+    stop = _StopRequest(deadline=None)
+    assert stop() is False
+    os.kill(os.getpid(), signal.SIGTERM)  # handled: the test process keeps running
+    assert stop() is True and stop.why == "SIGTERM"
+    stop.restore()
+    assert signal.getsignal(signal.SIGTERM) == before

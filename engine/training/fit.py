@@ -19,15 +19,20 @@ backend.  ``python -m pdacscreen.flows.cli_train`` runs the same command without
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pdacscreen.engine.errors import TrainingError
 from pdacscreen.engine.inference import Detector
@@ -51,6 +56,8 @@ from pdacscreen.engine.training.modelcard import write_model_card
 from pdacscreen.engine.training.trainer import (
     Batch,
     StageTraining,
+    TrainingPaused,
+    TrainState,
     make_batch_pool,
     resolve_device,
     set_determinism,
@@ -68,14 +75,33 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: exit status of a training run that paused with a checkpoint (BSD EX_TEMPFAIL: run it again)
+EXIT_PAUSED = 75
+#: options that may differ between a run and its resumption (they do not change the result)
+_RESUMABLE = (
+    "resume",
+    "checkpoint",
+    "checkpoint_minutes",
+    "max_minutes",
+    "workers",
+    "device",
+    "threads",
+    "cache",
+    "command_line",
+)
+
 
 @dataclass(frozen=True)
 class TrainOptions:
     """Everything one training run needs (``pdacscreen train`` builds it from its arguments).
 
     Exactly one of ``archive`` (a phantom archive folder) and ``phantoms`` (N subjects made in
-    memory from ``phantom_seed``) is set.  Step counts are multiplied by ``epochs``; ``max_minutes``
-    caps the training time of both stages (step counts are lowered to fit, and recorded).
+    memory from ``phantom_seed``) is set.  Step counts are multiplied by ``epochs``.
+
+    Checkpoints (``checkpoint``, default ``<out>.checkpoint.pt`` beside the package) are written
+    every ``checkpoint_minutes``, on SIGTERM and when ``max_minutes`` is up; the run then exits with
+    :data:`EXIT_PAUSED` and ``resume`` continues it exactly (same options, any device). The
+    schedule always runs to the planned step counts.
     """
 
     out: Path
@@ -97,6 +123,9 @@ class TrainOptions:
     device: str = "cpu"
     workers: int = 1
     max_minutes: float | None = None
+    resume: Path | None = None
+    checkpoint: Path | None = None
+    checkpoint_minutes: float = 5.0
     name: str = "pdacscreen-reference"
     version: str = "0.1.0"
     cache: Path | None = None
@@ -321,6 +350,76 @@ def _load_data(opts, st1: dict, st2: dict, work: Path):
     return records, studies, train_recs, val_recs, val_cases
 
 
+def _fingerprint(opts: TrainOptions) -> str:
+    """sha256 of the options that decide the result (a checkpoint resumes only the same run)."""
+    d = {k: v for k, v in dataclasses.asdict(opts).items() if k not in _RESUMABLE}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class _Checkpoints:
+    """One checkpoint file per run, replaced atomically (a crash mid-write keeps the last one)."""
+
+    def __init__(self, opts: TrainOptions, fingerprint: str) -> None:
+        out = Path(opts.out)
+        self.path = Path(opts.checkpoint or out.with_name(out.name + ".checkpoint.pt"))
+        self.fingerprint = fingerprint
+        self.sessions = 0
+
+    def save(self, stage: str, state: TrainState, *, stage1: dict | None = None) -> None:
+        payload = {
+            "version": 1,
+            "fingerprint": self.fingerprint,
+            "stage": stage,
+            "state": state.as_dict(),
+            "stage1": stage1,
+            "sessions": self.sessions + 1,
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, self.path)
+        log.info("checkpoint %s: %s step %d", self.path, stage, state.step)
+
+    def load(self, path: Path) -> dict:
+        try:
+            payload = torch.load(Path(path), map_location="cpu", weights_only=False)
+        except (OSError, RuntimeError, EOFError) as e:
+            raise TrainingError(f"--resume {path}: cannot read the checkpoint ({e})") from e
+        if payload.get("version") != 1 or payload.get("fingerprint") != self.fingerprint:
+            raise TrainingError(
+                f"--resume {path}: the checkpoint was made with other training options "
+                "(data, seeds, steps, networks or batch differ); resume with the same command"
+            )
+        self.sessions = int(payload["sessions"])
+        return payload
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+class _StopRequest:
+    """``should_stop`` for :func:`train_stage`: true after SIGTERM or past the deadline."""
+
+    def __init__(self, deadline: float | None) -> None:
+        self.deadline, self.why = deadline, ""
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.why = "SIGTERM"
+
+    def __call__(self) -> bool:
+        if not self.why and self.deadline is not None and time.perf_counter() >= self.deadline:
+            self.why = "time budget"
+        return bool(self.why)
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
 def fit(opts: TrainOptions) -> int:
     from rich.console import Console
 
@@ -348,25 +447,38 @@ def fit(opts: TrainOptions) -> int:
     pool = make_batch_pool(
         opts.workers, {"stage1": draw1, "stage2": draw2}
     )  # forked before CUDA is touched
-    budget = None if opts.max_minutes is None else 60.0 * opts.max_minutes
+    ckpt = _Checkpoints(opts, _fingerprint(opts))
+    resume = ckpt.load(opts.resume) if opts.resume is not None else None
+    deadline = None if opts.max_minutes is None else t_start + 60.0 * opts.max_minutes
+    stop = _StopRequest(deadline)
+    net1 = build_network(NetworkSpec(out_channels=2, base=opts.base1, depth=3))
+    net2 = build_network(NetworkSpec(out_channels=3, base=opts.base2, depth=3, cls_head=True))
+    common = {
+        "device": device,
+        "pool": pool,
+        "should_stop": stop,
+        "checkpoint_every_s": 60.0 * opts.checkpoint_minutes,
+    }
     try:
-        net1 = build_network(NetworkSpec(out_channels=2, base=opts.base1, depth=3))
-        t1 = time.perf_counter()
-        hist1 = train_stage(
-            net1,
-            draw1,
-            settings=StageTraining(steps=steps1, lr=3e-3, class_weights=(1.0, 3.0)),
-            seed=opts.seed,
-            name="stage1",
-            device=device,
-            pool=pool,
-            max_seconds=None if budget is None else 0.2 * budget,
-        )
+        if resume is not None and resume["stage"] == "stage2":
+            net1.load_state_dict(resume["stage1"]["net"])
+            hist1 = resume["stage1"]["history"]
+        else:
+            hist1 = train_stage(
+                net1,
+                draw1,
+                settings=StageTraining(steps=steps1, lr=3e-3, class_weights=(1.0, 3.0)),
+                seed=opts.seed,
+                name="stage1",
+                start=None if resume is None else TrainState.from_dict(resume["state"]),
+                on_checkpoint=lambda st: ckpt.save("stage1", st),
+                **common,
+            )
         console.print(
             f"stage 1 done ({hist1[-1]['step']} steps) in {time.perf_counter() - t_start:.0f}s, "
             f"loss {hist1[-1]['loss']:.3f}"
         )
-        net2 = build_network(NetworkSpec(out_channels=3, base=opts.base2, depth=3, cls_head=True))
+        stage1 = {"net": {k: v.clone() for k, v in net1.state_dict().items()}, "history": hist1}
         hist2 = train_stage(
             net2,
             draw2,
@@ -375,11 +487,22 @@ def fit(opts: TrainOptions) -> int:
             ),
             seed=opts.seed + 1,
             name="stage2",
-            device=device,
-            pool=pool,
-            max_seconds=None if budget is None else budget - (time.perf_counter() - t1),
+            start=(
+                TrainState.from_dict(resume["state"])
+                if resume is not None and resume["stage"] == "stage2"
+                else None
+            ),
+            on_checkpoint=lambda st: ckpt.save("stage2", st, stage1=stage1),
+            **common,
         )
+    except TrainingPaused as p:
+        console.print(
+            f"[yellow]paused[/] ({stop.why}) in {p.name} after step {p.state.step}; checkpoint "
+            f"{ckpt.path}. Continue with the same command plus --resume {ckpt.path}"
+        )
+        return EXIT_PAUSED
     finally:
+        stop.restore()
         if pool is not None:
             pool.terminate()
     console.print(
@@ -419,8 +542,7 @@ def fit(opts: TrainOptions) -> int:
         "device": device,
         "stage1_steps": hist1[-1]["step"],
         "stage2_steps": hist2[-1]["step"],
-        "stage1_steps_planned": steps1,
-        "stage2_steps_planned": steps2,
+        "sessions": 1 + (0 if resume is None else resume["sessions"]),
         "stage2_training_patch": list(patch2),
         "batch": opts.batch,
         "augmentation": {k: v for k, v in aug.__dict__.items()},
@@ -451,6 +573,7 @@ def fit(opts: TrainOptions) -> int:
     }
     write_package(opts.out, nets={"stage1": net1, "stage2": net2}, manifest=manifest)
     write_model_card(opts.out)
+    ckpt.remove()
     console.print(
         f"[green]wrote[/] {opts.out}: validation AUROC {val['auroc']:.3f}, "
         f"sensitivity {val['sensitivity_at_95']:.2f} at 95% specificity; "

@@ -32,6 +32,8 @@ __all__ = [
     "set_determinism",
     "resolve_device",
     "make_batch_pool",
+    "TrainState",
+    "TrainingPaused",
 ]
 
 log = logging.getLogger(__name__)
@@ -115,14 +117,14 @@ def make_batch_pool(workers: int, draws: dict[str, Callable[[np.random.Generator
     )
 
 
-def _batches(draw, name: str, seed: int, steps: int, pool, prefetch: int):
-    """Yield the batches of steps ``0..steps-1`` in order, ``prefetch`` ahead when pooled."""
+def _batches(draw, name: str, seed: int, first: int, steps: int, pool, prefetch: int):
+    """Yield the batches of steps ``first..steps-1`` in order, ``prefetch`` ahead when pooled."""
     if pool is None:
-        for step in range(steps):
+        for step in range(first, steps):
             yield draw(_step_rng(seed, step))
         return
     pending: deque = deque()
-    nxt = 0
+    nxt = first
     while nxt < steps and len(pending) < prefetch:
         pending.append(pool.apply_async(_draw_task, ((name, seed, nxt),)))
         nxt += 1
@@ -149,6 +151,51 @@ def seg_loss(
     return ce + (1.0 - dice[1:]).mean()
 
 
+@dataclass
+class TrainState:
+    """Where one stage's training stands: enough to continue it exactly (see :func:`train_stage`).
+
+    ``step`` steps are done; ``net`` and ``optimizer`` are state dicts (on the CPU);
+    ``loss_sum``/``loss_count`` the loss accumulated since the last history entry; ``torch_rng``
+    the CPU generator state. Batches need no sampler state: batch ``i`` is drawn from ``(seed, i)``.
+    """
+
+    step: int
+    net: dict
+    optimizer: dict
+    history: list[dict]
+    loss_sum: float
+    loss_count: int
+    torch_rng: torch.Tensor
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainState:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+
+class TrainingPaused(Exception):
+    """Training stopped early (SIGTERM, time budget) after saving ``state``; resume from it."""
+
+    def __init__(self, name: str, state: TrainState) -> None:
+        super().__init__(f"{name} paused after step {state.step}")
+        self.name, self.state = name, state
+
+
+def _cpu(obj):
+    """A state dict with every tensor on the CPU (a checkpoint loads on any device)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
+
+
 def train_stage(
     net: UNet3d,
     draw: Callable[[np.random.Generator], Batch],
@@ -159,15 +206,22 @@ def train_stage(
     progress: Callable[[int, int, float], None] | None = None,
     device: str = "cpu",
     pool=None,
-    max_seconds: float | None = None,
+    start: TrainState | None = None,
+    on_checkpoint: Callable[[TrainState], None] | None = None,
+    checkpoint_every_s: float = 300.0,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[dict]:
     """Train ``net`` in place for ``settings.steps`` steps; returns the loss history.
 
-    Learning rate: linear warm-up over 5% of the steps, then cosine decay to 2% of ``lr``.
+    Learning rate: linear warm-up over 5% of the steps, then cosine decay to 2% of ``lr``, always
+    over the full ``settings.steps`` (a time budget never shortens the schedule: it pauses).
     Batch ``i`` is drawn with its own generator seeded by ``(seed, i)``, in this process or in
     ``pool`` (see :func:`make_batch_pool`; ``draw`` must then be among its ``draws`` under ``name``).
-    ``max_seconds``: at step 60 (timed from step 20) the step count is lowered, once, to what
-    fits the budget (logged, and visible in the history's last ``step``); the schedule follows it.
+
+    Checkpoints: every ``checkpoint_every_s`` seconds ``on_checkpoint(state)`` receives a
+    :class:`TrainState`; when ``should_stop()`` turns true (checked after each step) it receives
+    one more and :class:`TrainingPaused` is raised. ``start`` continues from such a state: N steps,
+    a pause and a resume to 2N give the weights of 2N steps in one go (to float tolerance).
     The network ends on the CPU in eval mode.
     """
     torch.manual_seed(seed)
@@ -182,12 +236,30 @@ def train_stage(
     steps = settings.steps
     warm = max(1, steps // 20)
     history: list[dict] = []
+    first, acc, count, before = 0, torch.zeros((), device=device), 0, 0.0
+    if start is not None:
+        net.load_state_dict(start.net)
+        opt.load_state_dict(start.optimizer)
+        torch.set_rng_state(start.torch_rng)
+        first, history, before = start.step, list(start.history), start.seconds
+        acc, count = torch.tensor(start.loss_sum, device=device), start.loss_count
     t0 = time.perf_counter()
-    running = None
-    acc, count = torch.zeros((), device=device), 0
-    for step, batch in enumerate(_batches(draw, name, seed, steps, pool, PREFETCH)):
-        if step >= steps:
-            break
+    last_ckpt = t0
+
+    def state(done: int) -> TrainState:
+        return TrainState(
+            step=done,
+            net=_cpu(net.state_dict()),
+            optimizer=_cpu(opt.state_dict()),
+            history=list(history),
+            loss_sum=float(acc),
+            loss_count=count,
+            torch_rng=torch.get_rng_state(),
+            seconds=before + time.perf_counter() - t0,
+        )
+
+    lr = settings.lr
+    for step, batch in enumerate(_batches(draw, name, seed, first, steps, pool, PREFETCH), first):
         if step < warm:
             lr = settings.lr * (step + 1) / warm
         else:
@@ -210,41 +282,27 @@ def train_stage(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
         opt.step()
-        if max_seconds is not None and step == 20:
-            t20 = time.perf_counter()
-        if max_seconds is not None and step == 60 and steps == settings.steps:
-            now = time.perf_counter()
-            per_step = (now - t20) / 40  # after warm-up (autotuning, pool start)
-            fit = step + 1 + int((max_seconds - (now - t0)) / per_step)
-            if fit < steps:
-                log.warning(
-                    "%s: %.3fs per step; %d steps fit the %.0fs budget, not %d: lowering the "
-                    "step count (the schedule follows)",
-                    name,
-                    per_step,
-                    max(fit, 61),
-                    max_seconds,
-                    steps,
-                )
-                steps = max(fit, 61)
-                warm = min(warm, max(1, steps // 20))
-        acc += loss.detach()
+        acc = acc + loss.detach()
         count += 1
         if (step + 1) % settings.log_every == 0 or step + 1 == steps:
             running = float(acc) / count  # mean loss since the last log (syncs the device)
             acc, count = torch.zeros((), device=device), 0
-            elapsed = time.perf_counter() - t0
+            elapsed = before + time.perf_counter() - t0
             history.append({"step": step + 1, "loss": running, "lr": lr, "seconds": elapsed})
             log.info(
-                "%s step %d/%d loss %.4f lr %.2e %.0fs",
-                name,
-                step + 1,
-                steps,
-                running,
-                lr,
-                elapsed,
+                "%s step %d/%d loss %.4f lr %.2e %.0fs", name, step + 1, steps, running, lr, elapsed
             )
             if progress is not None:
                 progress(step + 1, steps, running)
+        if step + 1 < steps:
+            if should_stop is not None and should_stop():
+                st = state(step + 1)
+                if on_checkpoint is not None:
+                    on_checkpoint(st)
+                net.cpu().eval()
+                raise TrainingPaused(name, st)
+            if on_checkpoint is not None and time.perf_counter() - last_ckpt >= checkpoint_every_s:
+                on_checkpoint(state(step + 1))
+                last_ckpt = time.perf_counter()
     net.cpu().eval()
     return history
