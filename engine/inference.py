@@ -34,6 +34,7 @@ from pdacscreen.engine.postprocess import (
     lesion_candidates,
     localise,
     organ_mask,
+    pancreas_scores,
     softmax,
 )
 from pdacscreen.engine.preprocess import coarse_grid, fine_crop, model_input
@@ -324,9 +325,16 @@ class Detector:
         caff = job.crop_affine
         organ = organ_mask(probs[1] + probs[2], caff, threshold=post.pancreas_threshold)
         lesion_prob = probs[2]
-        lesions, lesion_mask = lesion_candidates(
-            lesion_prob, organ, caff, threshold=post.lesion_threshold, min_ml=post.min_lesion_ml
+        lesions, lesion_labels = lesion_candidates(
+            lesion_prob,
+            organ,
+            caff,
+            threshold=post.lesion_threshold,
+            min_ml=post.min_lesion_ml,
+            return_labels=True,
         )
+        lesion_mask = lesion_labels > 0
+        job.diagnostics.update(pancreas_scores(lesion_prob, organ, lesions, lesion_labels, caff))
         parenchyma = organ & ~lesion_mask
         vox_ml = abs(float(np.linalg.det(caff[:3, :3]))) / 1000.0
         hu = job.crop_hu
@@ -334,7 +342,9 @@ class Detector:
         p_peak = float(lesion_prob.max()) if lesion_prob.size else 0.0
         job.diagnostics["cls_probability"] = p_cls
         job.diagnostics["lesion_peak"] = p_peak
-        p = p_peak if post.score == "lesion_peak" else p_cls
+        # the study score the package names (model.json postprocessing.score); the others are
+        # kept in the diagnostics so `assess` can compare them on the same studies
+        p = {"cls": p_cls, "lesion_peak": p_peak}.get(post.score, job.diagnostics.get(post.score))
         if lesions:
             big = lesions[0]
             focus = big.center_mm

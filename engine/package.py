@@ -17,7 +17,8 @@ Format ``pdacscreen-model/1`` (documented for users in the package README and th
       thresholds        {operating, specificity_95, specificity_99, method}
       postprocessing    {pancreas_threshold, lesion_threshold, min_pancreas_ml, min_lesion_ml,
                          localisation_confidence_min, noise_hu_max,
-                         score (optional: "cls" | "lesion_peak")}
+                         score (optional: "cls" | "lesion_peak" | "pancreas_peak" |
+                         "pancreas_topk" | "candidate_peak", see engine.postprocess)}
                         (packages made before 0.3 also hold contrast_blood_pool_hu: ignored, the
                         contrast phase is the selection rules' ``phase_check``)
 
@@ -54,7 +55,7 @@ __all__ = [
 FORMAT = "pdacscreen-model/1"
 REFERENCE_PACKAGE = Path(__file__).resolve().parent / "models" / "reference"
 STAGES = ("stage1", "stage2")
-SCORES = ("cls", "lesion_peak")
+SCORES = ("cls", "lesion_peak", "pancreas_peak", "pancreas_topk", "candidate_peak")
 
 
 def sha256_file(path: Path) -> str:
@@ -133,7 +134,9 @@ class Postprocessing:
 
     ``score`` (optional in model.json, default ``"cls"``) is the study-level PDAC probability:
     ``"cls"`` the classification head (max over windows), ``"lesion_peak"`` the peak lesion
-    probability of the segmentation (PANORAMA's "case score = max candidate").
+    probability of the segmentation (PANORAMA's "case score = max candidate"); the
+    ``pancreas_*`` / ``candidate_peak`` scores look only inside the (grown) pancreas mask
+    (:func:`pdacscreen.engine.postprocess.pancreas_scores`).
     """
 
     pancreas_threshold: float

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 from pdacscreen.io.types import voxel_to_world
 from pdacscreen.kernels import connected_components, to_host
@@ -24,6 +25,8 @@ __all__ = [
     "pancreas_location",
     "organ_axis",
     "softmax",
+    "dilate_mm",
+    "pancreas_scores",
 ]
 
 QC_FLAGS = (
@@ -152,6 +155,7 @@ class Lesion:
     peak: float
     location: str
     voxels: int
+    label: int = 0  # its value in the label image of lesion_candidates(..., return_labels=True)
 
 
 @dataclass(frozen=True)
@@ -202,11 +206,13 @@ def lesion_candidates(
     *,
     threshold: float,
     min_ml: float,
+    return_labels: bool = False,
 ) -> tuple[list[Lesion], np.ndarray]:
     """Lesion candidates: 26-connected components of ``lesion_prob >= threshold``, largest first.
 
     Components under ``min_ml`` are dropped.  Diameter is the largest extent in mm of the
-    component along the grid axes.  Returns ``(lesions, mask of the kept components)``.
+    component along the grid axes.  Returns ``(lesions, mask of the kept components)``, or with
+    ``return_labels`` ``(lesions, int32 label image)`` where lesion ``l`` is ``== l.label``.
     """
     min_voxels = int(np.ceil(min_ml / _voxel_ml(affine)))
     comps, labels = _components(lesion_prob >= threshold, affine, min_voxels=max(min_voxels, 1))
@@ -223,6 +229,62 @@ def lesion_candidates(
                 peak=peak,
                 location="" if axis is None else axis.location(centre),
                 voxels=int(c.voxels),
+                label=int(c.label),
             )
         )
-    return out, labels > 0
+    return out, (labels if return_labels else labels > 0)
+
+
+def dilate_mm(mask: np.ndarray, affine: np.ndarray, radius_mm: float) -> np.ndarray:
+    """``mask`` grown by an ellipsoid of ``radius_mm`` (in world mm on this grid's spacing)."""
+    spacing = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))  # (dz, dy, dx) mm
+    r = np.maximum(np.floor(radius_mm / spacing), 0).astype(int)
+    if not mask.any() or not r.any():
+        return mask.astype(bool, copy=True)
+    zz, yy, xx = np.ogrid[-r[0] : r[0] + 1, -r[1] : r[1] + 1, -r[2] : r[2] + 1]
+    ball = (zz * spacing[0]) ** 2 + (yy * spacing[1]) ** 2 + (xx * spacing[2]) ** 2 <= radius_mm**2
+    return ndimage.binary_dilation(mask, structure=ball)
+
+
+def pancreas_scores(
+    lesion_prob: np.ndarray,
+    organ: np.ndarray,
+    lesions: list[Lesion],
+    lesion_labels: np.ndarray,
+    affine: np.ndarray,
+    *,
+    rim_mm: float = 5.0,
+    top_k: int = 20,
+) -> dict[str, float]:
+    """Study scores that look only at the pancreas (``organ`` grown by ``rim_mm``).
+
+    * ``pancreas_peak``: the highest lesion probability inside the grown pancreas;
+    * ``pancreas_topk``: the mean of its ``top_k`` highest (one hot voxel is not a lesion);
+    * ``candidate_peak``: the highest ``peak`` of the lesion candidates whose component touches
+      the grown pancreas (0 when none does);
+    * ``candidate_ml``: that candidate's volume.
+
+    Nothing outside the gland can raise them: a false positive in the bowel or a vessel next to
+    the crop's edge does not flag the study.
+    """
+    region = dilate_mm(organ, affine, rim_mm)
+    inside = lesion_prob[region]
+    if inside.size == 0:
+        return {
+            "pancreas_peak": 0.0,
+            "pancreas_topk": 0.0,
+            "candidate_peak": 0.0,
+            "candidate_ml": 0.0,
+        }
+    k = min(top_k, inside.size)
+    top = np.partition(inside.ravel(), inside.size - k)[-k:]
+    best, best_ml = 0.0, 0.0
+    for les in lesions:
+        if les.peak > best and bool(region[lesion_labels == les.label].any()):
+            best, best_ml = float(les.peak), float(les.volume_ml)
+    return {
+        "pancreas_peak": float(inside.max()),
+        "pancreas_topk": float(top.mean()),
+        "candidate_peak": best,
+        "candidate_ml": best_ml,
+    }

@@ -64,3 +64,38 @@ def test_lesions_sorted_measured_and_located():
     assert big.volume_ml == pytest.approx(48 * 8 / 1000) and big.peak == pytest.approx(0.9)
     assert (big.location, small.location) == ("head", "tail")
     assert organ_axis(organ, _aff()).axis[0] > 0.99  # long axis along x, toward patient left
+
+
+def test_pancreas_scores_ignore_what_lies_outside_the_gland():
+    from pdacscreen.engine.postprocess import lesion_candidates, pancreas_scores
+
+    aff = np.diag([2.0, 1.0, 1.0, 1.0])  # (dz, dy, dx) = 2, 1, 1 mm
+    organ = np.zeros((20, 40, 40), bool)
+    organ[5:15, 10:20, 10:30] = True
+    prob = np.zeros(organ.shape, np.float32)
+    prob[8:11, 25:30, 30:35] = 0.97  # a hot blob 5+ mm outside the gland (bowel, vessel)
+    lesions, labels = lesion_candidates(
+        prob, organ, aff, threshold=0.5, min_ml=0.0, return_labels=True
+    )
+    assert len(lesions) == 1 and labels.max() == lesions[0].label == 1
+    s = pancreas_scores(prob, organ, lesions, labels, aff, rim_mm=3.0)
+    assert s == {
+        "pancreas_peak": 0.0,
+        "pancreas_topk": 0.0,
+        "candidate_peak": 0.0,
+        "candidate_ml": 0.0,
+    }
+    # the same blob inside the gland raises every score, and more evidence never lowers them
+    prob[8:11, 12:15, 15:18] = 0.6
+    previous = None
+    for p in (0.6, 0.8, 0.95):
+        prob[9, 13, 16] = p
+        lesions, labels = lesion_candidates(
+            prob, organ, aff, threshold=0.5, min_ml=0.0, return_labels=True
+        )
+        s = pancreas_scores(prob, organ, lesions, labels, aff, rim_mm=3.0)
+        assert s["pancreas_peak"] == pytest.approx(p) and s["candidate_peak"] == pytest.approx(p)
+        assert 0.6 - 1e-6 <= s["pancreas_topk"] <= p + 1e-6 and s["candidate_ml"] == pytest.approx(27 * 2 / 1000)
+        if previous is not None:
+            assert all(s[k] >= previous[k] for k in s)
+        previous = s

@@ -26,7 +26,7 @@ from scipy import ndimage
 
 from pdacscreen.engine.evidence import masks_in_series_grid
 from pdacscreen.engine.inference import Detector
-from pdacscreen.engine.metrics import case_metrics
+from pdacscreen.engine.metrics import case_metrics, roc_auc
 from pdacscreen.engine.package import load_package
 from pdacscreen.engine.training.dataset import StudyRecord, archive_records, load_study
 from pdacscreen.engine.training.modelcard import write_model_card
@@ -44,6 +44,15 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: the detector's study scores (``StudyResult.diagnostics`` keys); see ``postprocessing.score``
+STUDY_SCORES = (
+    "cls_probability",
+    "lesion_peak",
+    "pancreas_peak",
+    "pancreas_topk",
+    "candidate_peak",
+)
 
 
 def _localised(result, volume, label: np.ndarray, truth: dict) -> bool:
@@ -173,6 +182,8 @@ def assess_cases(
                 "lesion_count": res.lesion_count,
                 "qc_flags": list(res.qc_flags),
                 "seconds": seconds,
+                # every study score the detector computes, for comparing them on the same cases
+                "scores": {k: float(res.diagnostics.get(k, np.nan)) for k in STUDY_SCORES},
             }
         )
         log.info(
@@ -186,6 +197,16 @@ def assess_cases(
             seconds,
         )
     return rows
+
+
+def _auroc_by_score(rows: list[dict], y: np.ndarray) -> dict[str, float]:
+    """AUROC of each study score on the same cases (a study without that score counts 0)."""
+    out = {}
+    for k in STUDY_SCORES:
+        v = np.array([r.get("scores", {}).get(k, np.nan) for r in rows], float)
+        if len(v) and np.isfinite(v).any():
+            out[k] = roc_auc(y, np.nan_to_num(v, nan=0.0))
+    return out
 
 
 def summarise(rows: list[dict], *, operating: float) -> dict:
@@ -232,6 +253,7 @@ def summarise(rows: list[dict], *, operating: float) -> dict:
         "fatty_negatives": int(fatty_neg.sum()),
         "fp_rate_other": rate(other_neg),
         "qc_counts": dict(sorted(qc.items())),
+        "auroc_by_score": _auroc_by_score(rows, y),
         "seconds_per_study": float(np.mean([r["seconds"] for r in rows])) if rows else float("nan"),
     }
 
