@@ -16,7 +16,7 @@ export RAY_TMPDIR ?= $(WORK)/ray
 export PDACSCREEN_WORK ?= $(WORK)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup test demo bench lint clean gpu-check
+.PHONY: setup test demo bench lint clean gpu-check fuzz soak
 
 setup: $(STAMP)
 
@@ -39,12 +39,23 @@ demo: setup
 bench: setup
 	$(PY) -m pytest -q -s -m bench tests/bench
 
+# Long seeded fuzz campaign against the ingest (tests/fuzz); prints counts by error code.
+FUZZ_FILES ?= 10000
+FUZZ_SERIES ?= 300
+FUZZ_SEED ?= 1
+fuzz: setup
+	nice $(PY) tests/fuzz/campaign.py --files $(FUZZ_FILES) --series $(FUZZ_SERIES) --seed $(FUZZ_SEED)
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
 gpu-check:
 	bash infra/gpu-check
+
+# A week of nights (not in CI): 7 sweeps of a growing, damaged archive; prints a table.
+soak: setup
+	nice $(PY) infra/soak.py --work $(WORK)/soak --nights 7 --initial 40 --new 15
 
 clean:
 	rm -rf $(WORK) .pytest_cache .ruff_cache

@@ -50,6 +50,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="write PNG slices (W400/L40) of the first studies to OUT/preview/",
     )
+    parser.add_argument(
+        "--plant-phi",
+        choices=("tags", "tags+folders"),
+        default=None,
+        help="plant synthetic identifiers in every PHI tag, a private tag and burned-in pixels "
+        "('tags+folders': also name study folders after the patient); listed in OUT/phi.parquet",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,6 +90,10 @@ def run(args: argparse.Namespace) -> int:
                 preview=args.preview,
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
             )
+        if args.plant_phi:
+            from pdacscreen.io.phantom.phi import plant_phi
+
+            plant_phi(args.out, folder_names=args.plant_phi == "tags+folders")
     except PdacscreenError as e:
         console.print(f"[red]error[/red] ({e.code}): {e}")
         return 2

@@ -97,6 +97,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="engine precision",
     )
     add_key_argument(parser)
+    parser.add_argument(
+        "--hash-paths",
+        action="store_true",
+        help="name files in failures rows by keyed hashes of their archive paths "
+        "(for archives whose folders are named after patients)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -152,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
                 n_actors=args.actors,
                 flush_every=args.flush_every,
                 demo_key=args.demo_key,
+                hash_paths=args.hash_paths,
             )
         except PdacscreenError as e:
             console.print(f"[red]sweep failed: {e}[/red]")
@@ -191,4 +198,7 @@ def run(args: argparse.Namespace) -> int:
         f"[dim]model {summary['model_name']} {summary['model_version']}: reference model trained on "
         "synthetic phantoms, not a clinical device.[/dim]"
     )
+    if summary.get("status") == "stopped":
+        console.print("[yellow]stopped by SIGTERM: run the sweep again to finish[/yellow]")
+        return 143  # 128 + SIGTERM, as a shell reports a job stopped by it
     return 0

@@ -59,6 +59,8 @@ class SweepConfig:
         limit: process at most this many studies.
         n_actors: engine actors (``None``: one per GPU, else half the CPUs).
         flush_every: studies per atomic findings file.
+        hash_paths: failures rows name files by keyed hashes of their archive paths (not in the
+            config hash: it changes no finding).
         hash: the config hash (see :func:`config_hash`).
     """
 
@@ -75,6 +77,7 @@ class SweepConfig:
     limit: int | None = None
     n_actors: int | None = None
     flush_every: int = 8
+    hash_paths: bool = False
     hash: str = ""
 
     def __post_init__(self) -> None:
@@ -120,6 +123,7 @@ class SweepConfig:
             "limit": self.limit,
             "n_actors": self.n_actors,
             "flush_every": self.flush_every,
+            "hash_paths": self.hash_paths,
         }
 
 

@@ -83,6 +83,7 @@ class StudyOutcome:
 
     ``findings``: the engine's values for :data:`ENGINE_FIELDS` (empty unless assessed).
     ``timings``: seconds per stage (load, stage1, stage2, postprocess ...).
+    ``node``: where the engine ran (counted per node in the run manifest, not in findings rows).
     """
 
     status: Status
@@ -95,6 +96,7 @@ class StudyOutcome:
     duration_s: float | None = None
     timings: dict[str, float] = field(default_factory=dict)
     failure: Failure | None = None
+    node: str | None = None  # the Ray node that ran the engine (host name; no patient data)
 
     @classmethod
     def failed(cls, code: str, message: str, *, stage: str) -> StudyOutcome:
@@ -123,6 +125,7 @@ class StudyOutcome:
         evidence_path: str | None,
         duration_s: float,
         timings: dict[str, float],
+        node: str | None = None,
     ) -> StudyOutcome:
         """An engine result: ``ok`` with a probability, else ``not_assessable`` with the reason."""
         p = findings.get("pdac_probability")
@@ -144,6 +147,7 @@ class StudyOutcome:
             engine_backend=engine_backend,
             duration_s=duration_s,
             timings=dict(timings),
+            node=node,
         )
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
+from ray.exceptions import RayActorError, RayError, RayTaskError, WorkerCrashedError
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ def run_pool(
     max_in_flight: int,
     max_attempts: int = 2,
     load_options: dict[str, Any] | None = None,
+    capacity: Callable[[], int] | None = None,
 ) -> Iterator[WorkOutcome]:
     """Yield one :class:`WorkOutcome` per item, in completion order.
 
@@ -91,6 +92,9 @@ def run_pool(
         max_in_flight: loaded-but-not-finished items allowed at once (>= n_actors).
         max_attempts: attempts per item when an actor dies.
         load_options: ``.options(...)`` for the loader task (e.g. ``{"num_cpus": 1}``).
+        capacity: how many engine actors the cluster can hold now (asked when an actor dies: after
+            a node is lost, a dead actor is replaced only while the survivors leave room for the
+            loaders, else the pool shrinks, never below one actor). None: always replace.
     """
     if n_actors < 1:
         raise ValueError(f"n_actors must be >= 1, got {n_actors}")
@@ -149,6 +153,12 @@ def run_pool(
                     status = ray.get(ref)
                 except (RayTaskError, WorkerCrashedError) as e:  # the loader process died
                     status = {"error_code": "load_failed", "message": _short(e)}
+                except RayError as e:  # its node was lost with the result: load it again
+                    log.warning("loader result lost (attempt %d): %s", attempt, _short(e))
+                    if attempt < max_attempts:
+                        retry.append((item, attempt + 1))
+                        continue
+                    status = {"error_code": "worker_died", "message": _short(e)}
                 if status is not None:
                     yield WorkOutcome(
                         item.key,
@@ -166,8 +176,13 @@ def run_pool(
                 log.warning(
                     "engine actor %d died on a study (attempt %d): %s", slot, attempt, _short(e)
                 )
-                actors[slot] = actor_factory()
-                idle.append(slot)
+                live = sum(a is not None for a in actors) - 1
+                if live == 0 or capacity is None or live < capacity():
+                    actors[slot] = actor_factory()
+                    idle.append(slot)
+                else:  # its node is gone and the rest of the cluster is full: shrink the pool
+                    actors[slot] = None
+                    log.warning("engine pool shrinks to %d actors (cluster capacity)", live)
                 if attempt < max_attempts:
                     retry.append((item, attempt + 1))
                 else:
@@ -182,6 +197,16 @@ def run_pool(
                 yield WorkOutcome(
                     item.key, error_code=code, message=_short(cause), attempts=attempt
                 )
+                continue
+            except RayError as e:  # e.g. its input was on a node that is gone: run it again
+                log.warning("study lost with a node (attempt %d): %s", attempt, _short(e))
+                idle.append(slot)
+                if attempt < max_attempts:
+                    retry.append((item, attempt + 1))
+                else:
+                    yield WorkOutcome(
+                        item.key, error_code="worker_died", message=_short(e), attempts=attempt
+                    )
                 continue
             idle.append(slot)
             yield WorkOutcome(item.key, value=value, attempts=attempt)

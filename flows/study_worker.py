@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 import time
 from pathlib import Path
 
@@ -78,6 +79,20 @@ def _assigned_cpus() -> int | None:
     return max(1, int(cpus)) if cpus else None
 
 
+def _node_name() -> str:
+    """``host/node-id prefix`` of the Ray node this process runs on (several nodes may share a
+    host, as in the tests); the plain host name outside Ray."""
+    host = socket.gethostname()
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return f"{host}/{ray.get_runtime_context().get_node_id()[:8]}"
+    except Exception:  # noqa: BLE001 - a name for the manifest, never worth failing a study
+        pass
+    return host
+
+
 class EngineActor:
     """One detection engine per actor; ``process`` maps one loaded study to a StudyOutcome."""
 
@@ -86,6 +101,7 @@ class EngineActor:
         # As many engine threads as CPUs Ray gave this actor, so actors and loaders share cores.
         self.detector = Detector(self.package, config=config.engine, threads=_assigned_cpus())
         self.evidence_root = Path(config.store) / "evidence"
+        self.node = _node_name()
 
     def engine_backend(self) -> str:
         return str(self.detector.engine_backend)
@@ -115,4 +131,5 @@ class EngineActor:
             evidence_path=evidence,
             duration_s=loaded.load_s + (time.perf_counter() - t0),
             timings=timings,
+            node=self.node,
         )

@@ -10,10 +10,15 @@ receives explicitly.  Exactly once: every study gets one row per (model version,
 Rows are appended in small atomic batches by the driver; a sweep killed at any moment loses at
 most the unflushed batch, whose studies have no row and are planned again by the next run.  The
 store's lock keeps a second sweep on the same store out.
+
+SIGTERM (a scheduler stopping the job) is a clean stop: the driver stops taking results, flushes
+the current batch, and writes the run manifest with ``status: stopped``; the studies still in
+flight have no row, so the next run plans them again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import datetime as dt
 import functools
@@ -22,7 +27,9 @@ import json
 import logging
 import os
 import platform
+import signal
 import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -64,6 +71,11 @@ __all__ = ["PROGRESS", "SweepSummary", "build_config", "nightly_sweep", "series_
 # "total" or "advance".  A context variable, not global state: it is set and reset by the caller.
 PROGRESS: contextvars.ContextVar[Callable[[str, int], None] | None] = contextvars.ContextVar(
     "pdacscreen_sweep_progress", default=None
+)
+
+# Set by nightly_sweep for one run: the event a SIGTERM sets (read by fan_out between studies).
+_STOP: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar(
+    "pdacscreen_sweep_stop", default=None
 )
 
 _TRANSIENT = (OSError, TimeoutError)
@@ -116,10 +128,13 @@ class SweepSummary:
     findings_files: list[str] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     engine_backends: list[str] = field(default_factory=list)
+    studies_by_node: dict[str, int] = field(default_factory=dict)
     manifest: str = ""
+    status: str = "completed"
 
     def markdown(self) -> str:
         rows = [
+            ("status", self.status),
             ("studies in archive", self.studies_in_archive),
             ("already processed (this model + config)", self.already_done),
             ("planned this run", self.studies_planned),
@@ -166,6 +181,7 @@ def build_config(
     n_actors: int | None = None,
     flush_every: int = 8,
     package: ModelPackage | None = None,
+    hash_paths: bool = False,
 ) -> SweepConfig:
     """The sweep's one configuration, resolved in the driver.
 
@@ -194,7 +210,45 @@ def build_config(
         limit=limit,
         n_actors=n_actors,
         flush_every=flush_every,
+        hash_paths=hash_paths,
     )
+
+
+def sweep_store(config: SweepConfig) -> FindingsStore:
+    """The store as this sweep writes it (paths as keyed hashes with ``hash_paths``)."""
+    if not config.hash_paths:
+        return FindingsStore(config.store)
+    root = None if "://" in config.archive else config.archive
+    return FindingsStore(config.store, path_key=config.key, path_root=root)
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm(stop: threading.Event):
+    """While inside, SIGTERM sets ``stop`` (main thread only; elsewhere signals stay as they are)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame) -> None:  # only sets a flag: no I/O, no locks in a handler
+        stop.set()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _stop_scope():
+    """One run's stop event: set by SIGTERM, seen by fan_out through :data:`_STOP`."""
+    stop = threading.Event()
+    token = _STOP.set(stop)
+    try:
+        with _stop_on_sigterm(stop):
+            yield stop
+    finally:
+        _STOP.reset(token)
 
 
 @task(
@@ -253,6 +307,7 @@ class _Writer:
         self.files: list[str] = []
         self.counts: Counter[str] = Counter()
         self.backends: set[str] = set()
+        self.by_node: Counter[str] = Counter()
         self._last = time.monotonic()
 
     def add(self, sel: StudySelection, outcome: StudyOutcome, facts: dict[str, Any]) -> None:
@@ -278,6 +333,8 @@ class _Writer:
             self.counts["code:" + row["error_code"]] += 1
         if outcome.engine_backend:
             self.backends.add(outcome.engine_backend)
+        if outcome.node:
+            self.by_node[outcome.node] += 1
         if len(self.rows) >= self.config.flush_every or time.monotonic() - self._last > 30:
             self.flush()
 
@@ -299,6 +356,13 @@ class _Writer:
         self._last = time.monotonic()
 
 
+def _engine_slots(resources: dict[str, float], requested: int | None) -> int:
+    """Engine actors a cluster with these resources holds: one per GPU, else half the CPUs (the
+    other half decode for them); ``requested`` (``--actors``) overrides it."""
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    return requested or (gpus if gpus else max(1, cpus // 2))
+
+
 @task(name="fan-out", cache_policy=NO_CACHE)
 def fan_out(
     todo: list[StudySelection],
@@ -310,13 +374,14 @@ def fan_out(
     """Run the Ray pool over ``todo`` and append findings/failures in atomic batches."""
     import ray
 
-    store = FindingsStore(config.store)
+    store = sweep_store(config)
     init_ray(config.ray_address, num_cpus=None, temp_dir=os.environ.get("RAY_TMPDIR"))
+    stop = _STOP.get() or threading.Event()
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
-    cpus = int(resources.get("CPU", 1))
-    n_actors = config.n_actors or (gpus if gpus else max(1, cpus // 2))
+    n_actors = _engine_slots(resources, config.n_actors)
     actor_opts: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
+    actor_opts["scheduling_strategy"] = "SPREAD"  # engines over every node, not packed on one
     actor_cls = ray.remote(EngineActor).options(max_restarts=0, **actor_opts)
     config_ref = ray.put(config)
 
@@ -337,24 +402,26 @@ def fan_out(
     writer = _Writer(store, config, run)
     stage_seconds: Counter[str] = Counter()
     t_start = time.perf_counter()
-    for out in run_pool(
+    pool = run_pool(
         items,
         load=functools.partial(load_study, config=config),
         actor_factory=factory,
         n_actors=n_actors,
         max_in_flight=2 * n_actors + 1,
         max_attempts=2,
-    ):
-        sel = by_uid[out.key]
-        if out.error_code:
-            outcome = StudyOutcome.failed(out.error_code, out.message, stage="load")
-        else:
-            outcome = out.value
-            for stage, seconds in outcome.timings.items():
-                stage_seconds[stage] += seconds
-        writer.add(sel, outcome, facts.get(sel.series_instance_uid or "", {}))
-        if progress:
-            progress("advance", 1)
+        capacity=lambda: min(n_actors, _engine_slots(ray.cluster_resources(), None)),
+    )
+    # Ray's driver installs its own SIGTERM handler (exit): ours goes on top, after init_ray.
+    with _stop_on_sigterm(stop), contextlib.closing(pool):
+        for out in pool:
+            if stop.is_set():  # results after SIGTERM are not written: planned again next run
+                log.warning(
+                    "SIGTERM: stopping; %d rows in this batch are flushed", len(writer.rows)
+                )
+                break
+            _take(out, by_uid=by_uid, writer=writer, facts=facts, stage_seconds=stage_seconds)
+            if progress:
+                progress("advance", 1)
     writer.flush()
     return {
         "counts": dict(writer.counts),
@@ -363,13 +430,29 @@ def fan_out(
         "stage_seconds": dict(stage_seconds),
         "engine_backends": sorted(writer.backends),
         "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
+        "studies_by_node": dict(sorted(writer.by_node.items())),
+        "stopped": stop.is_set(),
     }
 
 
+def _take(out, *, by_uid, writer: _Writer, facts, stage_seconds: Counter[str]) -> None:
+    """One pool outcome into the writer's batch."""
+    sel = by_uid[out.key]
+    if out.error_code:
+        outcome = StudyOutcome.failed(out.error_code, out.message, stage="load")
+    else:
+        outcome = out.value
+        for stage, seconds in outcome.timings.items():
+            stage_seconds[stage] += seconds
+    writer.add(sel, outcome, facts.get(sel.series_instance_uid or "", {}))
+
+
 @task(name="index-failures", cache_policy=NO_CACHE)
-def file_failures(index: pd.DataFrame, store_root: str, sweep_id: str) -> int:
+def file_failures(
+    index: pd.DataFrame, store_root: str, sweep_id: str, config: SweepConfig | None = None
+) -> int:
     """Record each bad file once (new ones only): a failures row with stage 'index'."""
-    store = FindingsStore(Path(store_root))
+    store = sweep_store(config) if config is not None else FindingsStore(Path(store_root))
     if index is None or len(index) == 0 or "status" not in index:
         return 0
     bad = index[index["status"] != "ok"]
@@ -383,7 +466,7 @@ def file_failures(index: pd.DataFrame, store_root: str, sweep_id: str) -> int:
     now = dt.datetime.now(dt.UTC)
     rows = []
     for rec in bad.to_dict(orient="records"):
-        key = (str(rec.get("path")), str(rec.get("error_code")))
+        key = (str(store.path_token(str(rec.get("path")))), str(rec.get("error_code")))
         if key in seen:
             continue
         rows.append(
@@ -442,6 +525,7 @@ def write_manifest(store: FindingsStore, config: SweepConfig, summary: SweepSumm
     folder.mkdir(parents=True, exist_ok=True)
     manifest = {
         "sweep_id": summary.sweep_id,
+        "status": summary.status,
         "written_at": dt.datetime.now(dt.UTC).isoformat(),
         "config": config.describe(),
         "versions": _versions(),
@@ -475,19 +559,21 @@ def nightly_sweep(
     n_actors: int | None = None,
     flush_every: int = 8,
     demo_key: bool = False,
+    hash_paths: bool = False,
 ) -> dict[str, Any]:
     """Sweep ``archive`` into ``store`` with the model package ``model`` (default: reference).
 
     The pseudonym key is resolved here, in the driver, once (``demo_key``: the public demo key;
     otherwise ``PDACSCREEN_PSEUDONYM_KEY`` / ``_FILE`` must be set) and travels to the workers
-    inside the :class:`SweepConfig`; it is never a flow parameter.
+    inside the :class:`SweepConfig`; it is never a flow parameter.  ``hash_paths``: failures rows
+    name files by keyed hashes of their archive paths (folders named after patients).
     """
     logger = get_run_logger()
     t0 = time.perf_counter()
     fs = FindingsStore(Path(store))
-    sweep_id = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{socket.gethostname()[:12]}-{os.getpid()}"
+    sweep_id = fs.new_sweep_id()  # ordered even when the clock went backwards
     key = load_key(demo=demo_key)
-    with fs.lock(sweep_id=sweep_id):
+    with _stop_scope() as stop, fs.lock(sweep_id=sweep_id):
         package = load_package(Path(model) if model else None)
         config = build_config(
             archive=archive,
@@ -501,7 +587,9 @@ def nightly_sweep(
             n_actors=n_actors,
             flush_every=flush_every,
             package=package,
+            hash_paths=hash_paths,
         )
+        fs = sweep_store(config)
         upd = index_archive(config)
         selections, index = select_studies(config)
         summary = SweepSummary(
@@ -512,7 +600,7 @@ def nightly_sweep(
             config_hash=config.hash,
         )
         summary.index_new_or_changed = int(upd.new) + int(upd.changed)
-        summary.file_errors = file_failures(index, store, sweep_id)
+        summary.file_errors = file_failures(index, store, sweep_id, config)
         done = fs.processed_studies(model_version=config.model_version, config_hash=config.hash)
         summary.studies_in_archive = len(selections)
         summary.already_done = sum(s.study_instance_uid in done for s in selections)
@@ -549,12 +637,16 @@ def nightly_sweep(
                 writer.add(sel, outcome, facts.get(sel.series_instance_uid or "", {}))
             writer.flush()
             counts.update(writer.counts)
-        if eligible:
+        if eligible and not stop.is_set():
             out = fan_out(eligible, config=config, facts=facts, run=run)
             counts.update(out["counts"])
             summary.findings_files = out["files"]
             summary.stage_seconds = {k: round(v, 2) for k, v in out["stage_seconds"].items()}
             summary.engine_backends = out["engine_backends"]
+            summary.studies_by_node = out["studies_by_node"]
+        if stop.is_set():
+            summary.status = "stopped"
+            logger.warning("sweep %s stopped by SIGTERM; run it again to finish", sweep_id)
         summary.ok = counts.get(Status.OK, 0)
         summary.not_assessable = counts.get(Status.NOT_ASSESSABLE, 0)
         summary.skipped = counts.get(Status.SKIPPED, 0)

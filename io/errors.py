@@ -68,6 +68,17 @@ class ErrorCode(StrEnum):
     DUPLICATE_POSITION = "duplicate_position"
     MIXED_GEOMETRY = "mixed_geometry"
     NON_COLLINEAR = "non_collinear"
+    BAD_POSITION = "bad_position"
+    BAD_ORIENTATION = "bad_orientation"
+    BAD_PIXEL_SPACING = "bad_pixel_spacing"
+    BAD_RESCALE = "bad_rescale"
+    MIXED_PIXEL_FORMAT = "mixed_pixel_format"
+    MIXED_STUDY = "mixed_study"
+    TOO_FEW_SLICES = "too_few_slices"
+    VOLUME_TOO_LARGE = "volume_too_large"
+    IMAGE_TOO_LARGE = "image_too_large"
+    PIXEL_LENGTH_MISMATCH = "pixel_length_mismatch"
+    DECODE_TIMEOUT = "decode_timeout"
     # selection and phase
     NO_ELIGIBLE_SERIES = "no_eligible_series"
     PHASE_MISMATCH = "phase_mismatch"
@@ -99,6 +110,10 @@ class ErrorCode(StrEnum):
     ARCHIVE_MISMATCH = "archive_mismatch"
     STORE_ERROR = "store_error"
     STORE_LOCKED = "store_locked"
+    STORE_FULL = "store_full"
+    CORRUPT_STORE_PART = "corrupt_store_part"
+    FILE_VANISHED = "file_vanished"
+    SWEEP_STOPPED = "sweep_stopped"
     BAD_FINDINGS_ROW = "bad_findings_row"
     BAD_QUERY = "bad_query"
     # phantom generator arguments
@@ -213,3 +228,29 @@ class QueryError(StoreError, ValueError):
 
 
 __all__ += ["StoreError", "StoreLockedError", "FindingsSchemaError", "QueryError"]
+
+
+# --- appended by the ingest helper (issue 13: hostile input) ------------------------------------
+
+
+class TooFewSlicesError(NotAVolumeError):
+    """Fewer slices than the loader's stated minimum (``load_series(min_slices=...)``)."""
+
+    code = ErrorCode.TOO_FEW_SLICES
+
+
+class VolumeTooLargeError(GeometryError):
+    """The volume (or one image) would need more memory than the stated bound; refused before
+    anything that large is allocated."""
+
+    code = ErrorCode.VOLUME_TOO_LARGE
+
+
+class PixelFormatError(DicomReadError):
+    """Pixel data that contradicts its own header (rescale slope 0, length not Rows x Columns x
+    BitsAllocated, slices of one series with different BitsAllocated / PixelRepresentation)."""
+
+    code = ErrorCode.PIXEL_LENGTH_MISMATCH
+
+
+__all__ += ["TooFewSlicesError", "VolumeTooLargeError", "PixelFormatError"]

@@ -15,7 +15,18 @@ every file.  Parts are compacted into one when there are more than :data:`COMPAC
 
 Rows follow :data:`pdacscreen.io.dicom.read.INDEX_COLUMNS` plus ``present``, ``run_id`` and
 ``indexed_at``.  ``patient_key`` is a keyed hash of PatientID (:mod:`pdacscreen.io.pseudonym`);
-the ID itself is never stored.  Bad files are rows with ``status == "error"`` and an
+the ID itself is never stored.
+
+Free text is stored scrubbed, never verbatim: ``series_description``, ``study_description``,
+``protocol_name`` and ``contrast_bolus_agent`` keep only the tokens of an imaging vocabulary,
+numbers of at most 4 digits and short letter-digit codes (kernels, thicknesses); every other word
+(a name, an ID, a date) is replaced by ``x`` (:func:`pdacscreen.io.dicom.scrub.scrub_text`).  The
+separators are kept, so the selection rules match the scrubbed text as they matched the original
+(tested on the phantom archives).  A name that is itself an imaging word survives; initials too.
+
+``path`` is valid UTF-8 text: a file name whose bytes are not UTF-8 is stored with those bytes
+written ``%XX`` and a literal ``%`` written ``%25`` (:func:`pdacscreen.io.dicom.read.index_path`);
+every reader of a file turns it back with :func:`pdacscreen.io.dicom.read.fs_path`.  Bad files are rows with ``status == "error"`` and an
 ``error_code``; the crawl never stops for them.  Header reads run in Dask worker processes.
 """
 
@@ -37,11 +48,25 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pdacscreen.io.dicom.read import INDEX_COLUMNS, drop_worker_pool, header_row, worker_pool
+from pdacscreen.io.dicom.read import (
+    FREE_TEXT_COLUMNS,
+    INDEX_COLUMNS,
+    drop_worker_pool,
+    header_row,
+    index_path,
+    worker_pool,
+)
 from pdacscreen.io.errors import InputError, PseudonymKeyError
 from pdacscreen.io.pseudonym import check_key, key_fingerprint
 
-__all__ = ["INDEX_SCHEMA", "IndexUpdate", "read_index", "read_removed", "update_index"]
+__all__ = [
+    "FREE_TEXT_COLUMNS",
+    "INDEX_SCHEMA",
+    "IndexUpdate",
+    "read_index",
+    "read_removed",
+    "update_index",
+]
 
 log = logging.getLogger(__name__)
 
@@ -261,8 +286,9 @@ def update_index(
         todo: list[str] = []
         new = changed = 0
         for path, size, mtime in _walk(archive, skip=skip):
-            seen.add(path)
-            old = known_map.get(path)
+            text = index_path(path)  # the row form: valid UTF-8 (see the module docstring)
+            seen.add(text)
+            old = known_map.get(text)
             if old is None:
                 new += 1
                 todo.append(path)

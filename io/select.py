@@ -208,6 +208,9 @@ def _series_facts(
     reasons: list[str] = []
     ok = g[g["status"] == "ok"]
     bad = g[g["status"] != "ok"]
+    # A bad copy of an instance that is also there intact (same SOPInstanceUID: a stray truncated
+    # copy) does not count against the series; it stays a failures row of its own (index stage).
+    bad = bad[~bad["sop_instance_uid"].isin(ok["sop_instance_uid"].dropna())]
     if len(bad):
         codes = sorted(set(bad["error_code"].fillna("error")))
         reasons.append(f"bad_files: {len(bad)} of {len(g)} files unusable ({', '.join(codes)})")

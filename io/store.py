@@ -7,6 +7,8 @@ Layout of ``STORE/`` (a plain folder; any tool that reads Parquet reads it)::
       failures/part-<sweep_id>-<seq>.parquet                         one row per failed file/series/study
       evidence/<study folder>/key.png, masks                         written by the sweep
       index/**/*.parquet                                             the archive index (ingest)
+      quarantine/<findings|failures>/...                             unreadable parts moved aside
+      sweeps/<sweep_id>.json                                         run manifests (the sweep)
       .lock                                                          held by a running sweep
 
 Guarantees:
@@ -21,6 +23,20 @@ Guarantees:
   rerun leave every study once. :meth:`dedupe_check` counts violations (0 expected).
   Every row counts as processed, whatever its ``status``: to retry failed studies, run with a new
   config hash or delete their files (a later schema version may add retry of transient codes).
+* **Disk full.** A write that meets ENOSPC / EDQUOT / EFBIG raises :class:`StoreError` with code
+  ``store_full``; its temporary file is removed, so no partial part is ever visible; the sweep
+  stops there and a rerun (with space) plans the studies that have no row yet.
+* **Damaged parts are quarantined, never skipped.** Before reading, every part's footer is checked
+  (readable, columns of the store's schema); a part whose footer or data cannot be read is moved
+  to ``STORE/quarantine/`` and recorded as a ``failures`` row (stage ``store``, code
+  ``corrupt_store_part``); the studies it held have no row any more, so the next sweep plans
+  them again: never counted twice, never lost silently.  A part that cannot be moved (read-only
+  store) raises :class:`StoreError`.
+* **Ordered sweep ids.** :meth:`new_sweep_id` never returns an id that sorts before one already in
+  the store, even when the clock went backwards between two sweeps.
+* **Paths as keyed hashes** (``path_key``): real PACS exports name folders after patients, so with
+  a key the ``path`` of every ``failures`` row becomes ``path:<24 hex>`` (HMAC-SHA256 of the path
+  relative to ``path_root``) and paths under ``path_root`` inside messages are replaced the same way.
 * **One writer.** :meth:`lock` takes a non-blocking ``flock`` on ``STORE/.lock``; a second sweep gets
   :class:`StoreLockedError` at once, naming the holder. The OS drops the lock of a dead process.
   (``flock`` is reliable on local disks; on NFS use one sweep host per store.)
@@ -35,6 +51,8 @@ import contextlib
 import datetime as dt
 import errno
 import fcntl
+import hashlib
+import hmac
 import itertools
 import json
 import logging
@@ -51,7 +69,13 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from pdacscreen.io.errors import FindingsSchemaError, Status, StoreError, StoreLockedError
+from pdacscreen.io.errors import (
+    ErrorCode,
+    FindingsSchemaError,
+    Status,
+    StoreError,
+    StoreLockedError,
+)
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -71,7 +95,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 STATUSES = tuple(Status)  # ok, not_assessable, skipped, failed (see io/errors.Status)
-STAGES = ("index", "select", "load", "preprocess", "inference", "write")
+STAGES = ("index", "select", "load", "preprocess", "inference", "write", "store")
 SCOPES = ("file", "series", "study")
 _STR, _F64 = pa.string(), pa.float64()
 
@@ -143,7 +167,7 @@ FINDINGS_COLUMNS: dict[str, tuple[pa.DataType, bool, str]] = {
 }
 FAILURES_COLUMNS: dict[str, tuple[pa.DataType, bool, str]] = {
     "sweep_id": (_STR, False, "the sweep run that met the failure"),
-    "stage": (_STR, False, "index, select, load, preprocess, inference or write"),
+    "stage": (_STR, False, "index, select, load, preprocess, inference, write or store"),
     "scope": (_STR, False, "file, series or study"),
     "study_instance_uid": (_STR, True, "study concerned (null when unknown)"),
     "series_instance_uid": (_STR, True, "series concerned (null when unknown)"),
@@ -170,6 +194,10 @@ PARTITION_FIELD = pa.field("sweep_date", pa.date32())
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 _META = "pdacscreen."
 _TMP_COUNTER = itertools.count()
+_STAMP_RE = re.compile(r"(\d{8}T\d{6}Z)")
+_STAMP = "%Y%m%dT%H%M%SZ"
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+STORE_CHECK_SWEEP = "store-check"
 
 
 @dataclass(frozen=True)
@@ -187,10 +215,22 @@ class FindingsStore:
 
     Args:
         root: the store folder ``STORE``.
+        path_key: hash the paths of ``failures`` rows with this key (see the module docstring);
+            ``None`` keeps them as given.
+        path_root: paths are hashed relative to this folder (the archive root) when under it.
     """
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(
+        self,
+        root: Path | str,
+        *,
+        path_key: bytes | None = None,
+        path_root: Path | str | None = None,
+    ) -> None:
         self.root = Path(root)
+        self._path_key = bytes(path_key) if path_key else None
+        self._path_root = str(Path(path_root).absolute()) if path_root else None
+        self._checked: set[tuple[str, int, int]] = set()
 
     @property
     def findings_dir(self) -> Path:
@@ -211,6 +251,58 @@ class FindingsStore:
     @property
     def lock_path(self) -> Path:
         return self.root / ".lock"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.root / "quarantine"
+
+    # ------------------------------------------------------------------ identities
+    def path_token(self, path: object) -> str | None:
+        """What a row stores for ``path``: the path itself, or ``path:<hash>`` with a path key."""
+        if path is None or path != path or path == "":  # None / NaN / empty
+            return None
+        text = str(path)
+        if self._path_key is None or text.startswith("path:"):
+            return text
+        if self._path_root and (text == self._path_root or text.startswith(self._path_root + "/")):
+            text = os.path.relpath(text, self._path_root)
+        digest = hmac.new(self._path_key, text.encode("utf-8", "surrogateescape"), hashlib.sha256)
+        return "path:" + digest.hexdigest()[:24]
+
+    def scrub_message(self, message: object) -> str | None:
+        """``message`` with every path under ``path_root`` replaced by its token (path key only)."""
+        if message is None or message != message:
+            return None
+        text = str(message)
+        if self._path_key is None or not self._path_root:
+            return text
+        pattern = re.escape(self._path_root) + r"(?:/[^\s'\"]*)?"
+        return re.sub(pattern, lambda m: self.path_token(m.group(0).rstrip(".,:;)]")) or "", text)
+
+    def new_sweep_id(self, *, now: dt.datetime | None = None, host: str | None = None) -> str:
+        """``<UTC stamp>-<host>-<pid>``, later than every sweep id already in the store.
+
+        When the clock went backwards (the newest id in ``sweeps/``, ``findings/`` or ``failures/``
+        is later than now), the stamp is that id's plus one second, so ids and part names stay
+        unique and in order.
+        """
+        now = (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).replace(microsecond=0)
+        last = self._last_stamp()
+        if last is not None and now <= last:
+            log.warning("clock is behind the store's last sweep (%s): sweep id follows it", last)
+            now = last + dt.timedelta(seconds=1)
+        host = re.sub(r"[^A-Za-z0-9_.-]", "-", host or socket.gethostname())[:12] or "host"
+        return f"{now:{_STAMP}}-{host}-{os.getpid()}"
+
+    def _last_stamp(self) -> dt.datetime | None:
+        names = [p.name for p in (self.root / "sweeps").glob("*.json")]
+        for folder in (self.findings_dir, self.failures_dir):
+            if folder.is_dir():
+                names += [p.name for p in folder.rglob("part-*.parquet")]
+        stamps = [m.group(1) for n in names if (m := _STAMP_RE.search(n))]
+        if not stamps:
+            return None
+        return dt.datetime.strptime(max(stamps), _STAMP).replace(tzinfo=dt.UTC)
 
     def __repr__(self) -> str:
         return f"FindingsStore({str(self.root)!r})"
@@ -298,6 +390,15 @@ class FindingsStore:
         if not rows:
             return None
         fixed = {"sweep_id": sweep_id}
+        if self._path_key is not None:
+            rows = [
+                {
+                    **r,
+                    "path": self.path_token(r.get("path")),
+                    "message": self.scrub_message(r.get("message")),
+                }
+                for r in rows
+            ]
         table = _rows_to_table(rows, FAILURES_COLUMNS, fixed=fixed, kind="failures")
         table = _conform(table, FAILURES_COLUMNS, fixed=fixed, kind="failures")
         for name, allowed in (("stage", STAGES), ("scope", SCOPES)):
@@ -308,8 +409,11 @@ class FindingsStore:
 
     # ------------------------------------------------------------------ reading
     def findings_dataset(self) -> ds.Dataset | None:
-        """The findings as a pyarrow dataset (schema: FINDINGS_SCHEMA + ``sweep_date``), or None."""
-        files = parquet_files(self.findings_dir, "sweep_date=*/*.parquet")
+        """The findings as a pyarrow dataset (schema: FINDINGS_SCHEMA + ``sweep_date``), or None.
+
+        Parts whose footer is unreadable or not of the schema are quarantined first.
+        """
+        files = self._usable(self._findings_files(), FINDINGS_SCHEMA)
         if not files:
             return None
         partitioning = ds.partitioning(pa.schema([PARTITION_FIELD]), flavor="hive")
@@ -323,11 +427,17 @@ class FindingsStore:
 
     def read_findings_table(self, columns: Sequence[str] | None = None, filter=None) -> pa.Table:
         """Findings as an Arrow table (optionally only ``columns`` / rows matching ``filter``)."""
-        data = self.findings_dataset()
-        if data is None:
-            empty = FINDINGS_SCHEMA.append(PARTITION_FIELD).empty_table()
-            return empty.select(list(columns)) if columns else empty
-        return data.to_table(columns=list(columns) if columns else None, filter=filter)
+        for attempt in (1, 2):
+            data = self.findings_dataset()
+            if data is None:
+                empty = FINDINGS_SCHEMA.append(PARTITION_FIELD).empty_table()
+                return empty.select(list(columns)) if columns else empty
+            try:
+                return data.to_table(columns=list(columns) if columns else None, filter=filter)
+            except (pa.ArrowException, OSError) as e:  # damaged data pages behind a good footer
+                if attempt == 2 or not self._deep_check(self._findings_files(), FINDINGS_SCHEMA):
+                    raise StoreError(f"findings in {self.findings_dir} cannot be read: {e}") from e
+        raise AssertionError("unreachable")
 
     def read_findings(self):
         """All findings as a pandas DataFrame (with the ``sweep_date`` partition column)."""
@@ -335,10 +445,19 @@ class FindingsStore:
 
     def read_failures(self):
         """All failure rows as a pandas DataFrame (empty with the columns when none)."""
-        files = parquet_files(self.failures_dir, "*.parquet")
-        if not files:
-            return FAILURES_SCHEMA.empty_table().to_pandas()
-        return ds.dataset([str(f) for f in files], schema=FAILURES_SCHEMA).to_table().to_pandas()
+        for attempt in (1, 2):
+            files = self._usable(parquet_files(self.failures_dir, "*.parquet"), FAILURES_SCHEMA)
+            # a quarantine on the way wrote a failures part of its own: list again
+            files = self._usable(parquet_files(self.failures_dir, "*.parquet"), FAILURES_SCHEMA)
+            if not files:
+                return FAILURES_SCHEMA.empty_table().to_pandas()
+            try:
+                data = ds.dataset([str(f) for f in files], schema=FAILURES_SCHEMA)
+                return data.to_table().to_pandas()
+            except (pa.ArrowException, OSError) as e:
+                if attempt == 2 or not self._deep_check(files, FAILURES_SCHEMA):
+                    raise StoreError(f"failures in {self.failures_dir} cannot be read: {e}") from e
+        raise AssertionError("unreachable")
 
     def processed_studies(self, *, model_version: str, config_hash: str) -> set[str]:
         """Study UIDs that already have a row (any status) for this model version and config hash."""
@@ -360,13 +479,85 @@ class FindingsStore:
     def metadata(self) -> dict[str, list[str]]:
         """Distinct ``pdacscreen.*`` key-value metadata across findings files: key -> values."""
         out: dict[str, set[str]] = {}
-        for f in parquet_files(self.findings_dir, "sweep_date=*/*.parquet"):
+        for f in self._usable(self._findings_files(), FINDINGS_SCHEMA):
             kv = pq.read_schema(f).metadata or {}
             for k, v in kv.items():
                 key = k.decode()
                 if key.startswith(_META):
                     out.setdefault(key[len(_META) :], set()).add(v.decode())
         return {k: sorted(v) for k, v in sorted(out.items())}
+
+    # ------------------------------------------------------------------ damaged parts
+    def _findings_files(self) -> list[Path]:
+        return parquet_files(self.findings_dir, "sweep_date=*/*.parquet")
+
+    def _usable(self, files: list[Path], schema: pa.Schema) -> list[Path]:
+        """``files`` less those whose footer is damaged or foreign (quarantined on the way)."""
+        out = []
+        for f in files:
+            try:
+                st = f.stat()
+            except FileNotFoundError:  # moved away meanwhile (another reader's quarantine)
+                continue
+            ident = (str(f), st.st_size, st.st_mtime_ns)
+            if ident in self._checked:
+                out.append(f)
+                continue
+            problem = _footer_problem(f, schema)
+            if problem is None:
+                self._checked.add(ident)
+                out.append(f)
+            else:
+                self._quarantine(f, problem)
+        return out
+
+    def _deep_check(self, files: list[Path], schema: pa.Schema) -> bool:
+        """Read every part in full; quarantine those that fail. True if one was quarantined."""
+        moved = False
+        for f in files:
+            try:
+                pq.read_table(f, schema=schema)
+            except FileNotFoundError:
+                continue
+            except (pa.ArrowException, OSError) as e:
+                self._checked.discard((str(f),) + _size_mtime(f))
+                self._quarantine(f, f"data cannot be read: {e}")
+                moved = True
+        return moved
+
+    def _quarantine(self, f: Path, problem: str) -> None:
+        """Move a damaged part to ``STORE/quarantine/`` and record a ``failures`` row."""
+        rel = f.relative_to(self.root)
+        dest = self.quarantine_dir / rel
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.exists():
+                dest = dest.with_name(
+                    f"{dest.stem}.{os.getpid()}-{next(_TMP_COUNTER)}{dest.suffix}"
+                )
+            os.replace(f, dest)
+        except FileNotFoundError:
+            return  # another reader moved it first (and recorded it)
+        except OSError as e:
+            raise StoreError(
+                f"{f} is damaged ({problem}) and cannot be moved to {self.quarantine_dir}: {e}; "
+                "move or delete it, then read again"
+            ) from e
+        log.error("quarantined damaged store part %s -> %s: %s", rel, dest, problem[:500])
+        self.append_failures(
+            [
+                {
+                    "stage": "store",
+                    "scope": "file",
+                    "path": rel.as_posix(),
+                    "error_code": str(ErrorCode.CORRUPT_STORE_PART),
+                    "message": f"moved to {dest.relative_to(self.root).as_posix()}: {problem}"[
+                        :2000
+                    ],
+                }
+            ],
+            sweep_id=STORE_CHECK_SWEEP,
+        )
 
     # ------------------------------------------------------------------ locking
     @contextlib.contextmanager
@@ -423,6 +614,29 @@ def parquet_files(folder: Path, pattern: str) -> list[Path]:
         for p in folder.glob(pattern)
         if p.is_file() and not any(part[0] in "._" for part in p.relative_to(folder).parts)
     )
+
+
+def _size_mtime(f: Path) -> tuple[int, int]:
+    try:
+        st = f.stat()
+    except OSError:
+        return (-1, -1)
+    return (st.st_size, st.st_mtime_ns)
+
+
+def _footer_problem(f: Path, schema: pa.Schema) -> str | None:
+    """Why part ``f`` is unusable (footer unreadable, a column not of ``schema``), or None."""
+    try:
+        got = pq.read_schema(f)
+    except (pa.ArrowException, OSError) as e:
+        return f"footer cannot be read: {e}"
+    for field in got:
+        if field.name not in schema.names:
+            return f"column {field.name!r} is not a store column"
+        want = schema.field(field.name).type
+        if not field.type.equals(want):
+            return f"column {field.name!r} is {field.type}, not {want}"
+    return None
 
 
 def _check_id(name: str, value: object) -> None:
@@ -598,6 +812,18 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _write_file(path: Path, data: memoryview) -> None:
+    """Write ``data`` to a new file ``path`` with ``os.write`` (partial writes continued), fsync."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        done = 0
+        while done < len(data):
+            done += os.write(fd, data[done:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_atomic(
     table: pa.Table, folder: Path, *, prefix: str, metadata: Mapping[str, str]
 ) -> Path:
@@ -609,11 +835,11 @@ def _write_atomic(
     # Unique per process, thread and call; hidden ('.') so no reader lists it.
     unique = f"{os.getpid()}-{threading.get_native_id()}-{next(_TMP_COUNTER)}"
     tmp = folder / f".{prefix}.parquet.tmp-{unique}"
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    data = memoryview(sink.getvalue())
     try:
-        with open(tmp, "wb") as fh:
-            pq.write_table(table, fh, compression="zstd")
-            fh.flush()
-            os.fsync(fh.fileno())
+        _write_file(tmp, data)
         seq = len(list(folder.glob(f"{prefix}-*.parquet")))
         while True:
             seq += 1
@@ -631,6 +857,13 @@ def _write_atomic(
                 os.replace(tmp, final)
                 break
     except OSError as e:
+        if e.errno in _FULL:
+            raise StoreError(
+                f"the store's disk is full: could not write {folder}/{prefix}-*.parquet ({e}); "
+                "nothing partial was kept. Free space, then run the sweep again: it resumes with "
+                "the studies that have no row yet",
+                code=ErrorCode.STORE_FULL,
+            ) from e
         raise StoreError(f"could not write {folder}/{prefix}-*.parquet: {e}") from e
     finally:
         tmp.unlink(missing_ok=True)

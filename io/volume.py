@@ -29,6 +29,26 @@ padding, out of field  PixelPaddingValue(/RangeLimit) and values below -1024 HU 
 compressed pixels      decoded by pydicom's plugins; unsupported -> UnsupportedTransferSyntaxError
 lossy compression      loaded, flag ``lossy_compression``
 multi-frame, colour    ``UnsupportedImageError``
+bad geometry values    NaN/inf or wrong count in ImagePositionPatient (``bad_position``), an
+                       ImageOrientationPatient with a zero or parallel row/column vector
+                       (``bad_orientation``), PixelSpacing <= 0 or NaN (``bad_pixel_spacing``):
+                       ``GeometryError`` naming the field, the value and what is allowed
+non-orthogonal IOP     row . column between 1e-3 and 0.1 (0.06 to 5.7 deg off 90): loaded,
+                       flag ``non_orthogonal_orientation``; above 0.1: ``bad_orientation``
+rescale slope 0        ``PixelFormatError`` (``bad_rescale``): every voxel would be equal
+mixed pixel format     slices with different BitsAllocated / PixelRepresentation (decoded
+                       dtypes): ``PixelFormatError`` (``mixed_pixel_format``)
+another study merged   a slice whose StudyInstanceUID differs from the rest: refused,
+                       ``MixedGeometryError`` (``mixed_study``); which slice is wrong cannot be
+                       told from the files, so none is dropped silently
+too few slices         fewer than ``min_slices`` (default :data:`MIN_SLICES` = 3) distinct
+                       positions: ``TooFewSlicesError`` (``too_few_slices``)
+hung decoder           in the decoder pool (compressed, >= 16 files, ``workers`` > 1): a chunk
+                       over ``DECODE_BUDGET_S`` per file is killed, ``DicomReadError``
+                       (``decode_timeout``); decoding in this process has no budget
+too large              decoded slices, the volume or its resampled grid above
+                       :data:`MAX_VOLUME_BYTES` (4 GiB; e.g. one slice at z = 1e12 mm):
+                       ``VolumeTooLargeError`` (``volume_too_large``), before allocating it
 =====================  =====================================================================
 
 Output: ``array`` float32 HU ``(z, y, x)``; ``spacing`` ``(dz, dy, dx)`` mm with ``dz`` the
@@ -58,18 +78,22 @@ from pdacscreen.io.dicom.read import (
     worker_pool,
 )
 from pdacscreen.io.errors import (
+    DicomReadError,
     DuplicatePositionError,
     GeometryError,
     InputError,
     MissingSliceError,
     MixedGeometryError,
     NotAVolumeError,
+    PixelFormatError,
+    TooFewSlicesError,
     UnevenSpacingError,
+    VolumeTooLargeError,
 )
 from pdacscreen.io.pseudonym import check_key
-from pdacscreen.io.types import CTVolume
+from pdacscreen.io.types import CTVolume, affine_from_geometry
 
-__all__ = ["load_series", "series_geometry", "SeriesGeometry"]
+__all__ = ["MAX_VOLUME_BYTES", "MIN_SLICES", "load_series", "series_geometry", "SeriesGeometry"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +101,15 @@ _POS_TOL_MM = 0.01
 _REL_TOL = 0.02
 _DIR_TOL = 1e-3
 _TILT_MIN_DEG = 0.1
+_ORTHO_FLAG = 1e-3  # |row . column| above this: flag non_orthogonal_orientation
+_ORTHO_MAX = 0.1  # above this: refused (bad_orientation)
+#: Fewest distinct slice positions :func:`load_series` calls a volume (two gaps: a step can be
+#: told from a gap).  Screening asks for more (selection rules: ``min_slices``, z coverage).
+MIN_SLICES = 3
+#: Largest float32 volume (and sum of decoded slices) :func:`load_series` allocates, bytes.
+MAX_VOLUME_BYTES = 4 * 1024**3
+#: Decode budget per compressed file in the decoder pool, seconds (a hung decoder is killed).
+DECODE_BUDGET_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -103,6 +136,7 @@ class SeriesGeometry:
     tilt_deg: float
     kind: str
     missing: tuple[int, ...]
+    row_col_dot: float = 0.0  # |row_dir . col_dir| (0 for an orthogonal orientation)
 
 
 def _tol(step: float) -> float:
@@ -131,6 +165,7 @@ def series_geometry(infos: Sequence[dict], *, series: str = "") -> SeriesGeometr
                 f"{where}{name} missing in {len(bad)} of {n} files (e.g. {bad[0].get('path')})",
                 code="missing_geometry",
             )
+    _check_values(infos, where)
     shapes = sorted({(i["rows"], i["columns"]) for i in infos})
     if len(shapes) > 1:
         raise MixedGeometryError(
@@ -147,6 +182,14 @@ def series_geometry(infos: Sequence[dict], *, series: str = "") -> SeriesGeometr
         raise MixedGeometryError(f"{where}mixed PixelSpacing {sorted({tuple(v) for v in pss})[:3]}")
     row_dir, col_dir = iops[0, :3], iops[0, 3:]
     row_dir, col_dir = row_dir / np.linalg.norm(row_dir), col_dir / np.linalg.norm(col_dir)
+    dot = float(abs(row_dir @ col_dir))
+    if dot > _ORTHO_MAX:
+        raise GeometryError(
+            f"{where}ImageOrientationPatient {list(iops[0])}: row and column directions are "
+            f"{np.degrees(np.arccos(min(dot, 1.0))):.1f} deg apart; allowed: 90 +- "
+            f"{np.degrees(np.arcsin(_ORTHO_MAX)):.1f} deg",
+            code="bad_orientation",
+        )
     normal = np.cross(row_dir, col_dir)
     normal /= np.linalg.norm(normal)
     ipp = np.array([i["image_position_patient"] for i in infos], float)
@@ -201,7 +244,51 @@ def series_geometry(infos: Sequence[dict], *, series: str = "") -> SeriesGeometr
         tilt_deg=tilt,
         kind=kind,
         missing=tuple(int(m) for m in missing),
+        row_col_dot=dot,
     )
+
+
+_VALUE_CHECKS = (
+    ("image_position_patient", "ImagePositionPatient", 3, "bad_position"),
+    ("image_orientation_patient", "ImageOrientationPatient", 6, "bad_orientation"),
+    ("pixel_spacing", "PixelSpacing", 2, "bad_pixel_spacing"),
+)
+
+
+def _check_values(infos: Sequence[dict], where: str) -> None:
+    """Refuse geometry values that are not numbers a volume can be built from."""
+    for key_, name, size, code in _VALUE_CHECKS:
+        for i in infos:
+            v = np.asarray(i[key_], float)
+            ok = v.shape == (size,) and bool(np.isfinite(v).all())
+            if ok and key_ == "pixel_spacing":
+                ok = bool((v > 0).all()) and bool((v < 1e4).all())
+            if ok and key_ == "image_orientation_patient":
+                r, c = np.linalg.norm(v[:3]), np.linalg.norm(v[3:])
+                ok = r > 1e-6 and c > 1e-6 and np.linalg.norm(np.cross(v[:3], v[3:])) > 1e-6 * r * c
+            if not ok:
+                allowed = {
+                    "bad_position": "3 finite numbers (mm)",
+                    "bad_orientation": "6 finite numbers: two non-zero, non-parallel directions",
+                    "bad_pixel_spacing": "2 finite numbers > 0 (mm)",
+                }[code]
+                raise GeometryError(
+                    f"{where}{name}={i[key_]} in {i.get('path')}; allowed: {allowed}", code=code
+                )
+
+
+def _n_regular(positions: np.ndarray, step: float) -> int:
+    """Slices of the regular grid from the first to the last position at ``step``."""
+    return int(np.floor((positions[-1] - positions[0]) / step + 1e-6)) + 1
+
+
+def _check_bytes(n: int, rows: int, cols: int, what: str, where: str) -> None:
+    need = n * rows * cols * 4
+    if need > MAX_VOLUME_BYTES:
+        raise VolumeTooLargeError(
+            f"{where}{what} of {n} x {rows} x {cols} float32 voxels needs {need / 1024**3:.1f} GiB;"
+            f" allowed up to {MAX_VOLUME_BYTES / 1024**3:.0f} GiB (MAX_VOLUME_BYTES)"
+        )
 
 
 _POOL_MIN_FILES = 16
@@ -216,6 +303,8 @@ def _decode_all(files: Sequence[str], *, key: bytes, workers: int) -> list[Decod
     cheaper than shipping arrays between processes); compressed ones in ``workers`` processes,
     because pydicom's JPEG/JPEG-LS/JPEG 2000/RLE decoders hold the GIL (threads do not help)."""
     first = read_slice(files[0], key=key)
+    rows, cols = first.stored.shape
+    _check_bytes(len(files), rows, cols, f"decoding {len(files)} files", "")
     rest = list(files[1:])
     if workers <= 1 or len(rest) < _POOL_MIN_FILES or first.info["transfer_syntax_uid"] in _NATIVE:
         return [first] + [read_slice(f, key=key) for f in rest]
@@ -224,8 +313,17 @@ def _decode_all(files: Sequence[str], *, key: bytes, workers: int) -> list[Decod
     try:
         pool = worker_pool(workers)
         out = [first]
-        for part in pool.map(_decode_chunk, chunks, [key] * len(chunks)):
-            out.extend(part)
+        futures = [pool.submit(_decode_chunk, c, key) for c in chunks]
+        for fut, chunk in zip(futures, chunks, strict=True):
+            try:
+                out.extend(fut.result(timeout=DECODE_BUDGET_S * len(chunk)))
+            except TimeoutError as e:  # a decoder that hangs: its processes are killed
+                drop_worker_pool(workers, kill=True)
+                raise DicomReadError(
+                    f"decoding {len(chunk)} files from {chunk[0]} took more than "
+                    f"{DECODE_BUDGET_S * len(chunk):g} s (DECODE_BUDGET_S per file); killed",
+                    code="decode_timeout",
+                ) from e
         return out
     except (OSError, BrokenProcessPool, AssertionError) as e:  # no children allowed here
         log.warning("decoder pool unavailable (%s); decoding in this process", e)
@@ -269,14 +367,16 @@ def load_series(
     key: bytes,
     on_uneven: str = "resample",
     on_missing_slice: str = "refuse",
+    min_slices: int = MIN_SLICES,
 ) -> CTVolume:
     """Load one CT series from its single-frame files into a :class:`CTVolume` in HU.
 
     ``files``: the series' files, any order (other series' files are ignored when
     ``series_instance_uid`` is given).  ``workers``: decoding processes for compressed series.  ``key``: the pseudonym key
     (resolved once by the caller: :func:`pdacscreen.io.pseudonym.load_key`).  ``on_uneven``: "resample" | "refuse";
-    ``on_missing_slice``: "refuse" | "resample".  See the module docstring for every case handled
-    or refused, and the typed error raised.
+    ``on_missing_slice``: "refuse" | "resample".  ``min_slices``: fewest distinct positions
+    accepted (>= 2).  See the module docstring for every case handled or refused, and the typed
+    error raised.
     """
     for name, val, allowed in (
         ("on_uneven", on_uneven, ("resample", "refuse")),
@@ -286,6 +386,8 @@ def load_series(
             raise InputError(f"{name}={val!r} is not allowed; use one of {allowed}")
     if workers < 1:
         raise InputError(f"workers must be >= 1, got {workers}")
+    if min_slices < 2:
+        raise InputError(f"min_slices must be >= 2, got {min_slices}")
     key = check_key(key)
     paths = [str(f) for f in files]
     if not paths:
@@ -305,11 +407,40 @@ def load_series(
             code="mixed_series",
         )
     series = slices[0].info["series_instance_uid"]
+    where = f"series {series}: "
+    _check_consistent(slices, where)
     flags: list[str] = []
     slices = _drop_identical_positions(_dedupe(slices, flags), flags)
     geo = series_geometry([s.info | {"path": s.path} for s in slices], series=series)
     ordered = [slices[i] for i in geo.order]
+    positions = np.asarray(geo.positions)
     rows, cols = ordered[0].stored.shape
+    # refusals first, then the memory bound, then the one allocation
+    n_out = len(ordered) if geo.kind == "regular" else _n_regular(positions, geo.step)
+    _check_bytes(n_out, rows, cols, "the volume on a regular slice grid", where)
+    if geo.kind == "missing_slice":
+        gaps_at = [
+            f"{positions[i]:.2f}->{positions[i + 1]:.2f} mm ({m} missing)"
+            for i, m in enumerate(geo.missing)
+            if m
+        ]
+        if on_missing_slice == "refuse":
+            raise MissingSliceError(
+                f"{where}{sum(geo.missing)} slice(s) missing: gap(s) {', '.join(gaps_at[:5])} "
+                f"with a step of {geo.step:.3f} mm; allowed: none (or on_missing_slice='resample')"
+            )
+        flags.append("missing_slice_interpolated")
+    elif geo.kind == "uneven":
+        if on_uneven == "refuse":
+            raise UnevenSpacingError(
+                f"{where}uneven slice spacing: gaps from {min(geo.gaps):.3f} to {max(geo.gaps):.3f}"
+                f" mm (median {geo.step:.3f}); allowed: one step (or on_uneven='resample')"
+            )
+        flags.append("uneven_spacing")
+    if len(ordered) < min_slices:
+        raise TooFewSlicesError(
+            f"{where}{len(ordered)} slice position(s); allowed: at least {min_slices} (min_slices)"
+        )
     array = np.empty((len(ordered), rows, cols), dtype=np.float32)
     for k, s in enumerate(ordered):
         to_hu(
@@ -320,31 +451,12 @@ def load_series(
             padding_limit=s.padding_limit,
             out=array[k],
         )
-    positions = np.asarray(geo.positions)
-    where = f"series {series}: "
-    if geo.kind == "missing_slice":
-        gaps_at = [
-            f"{positions[i]:.2f}->{positions[i + 1]:.2f} mm ({m} missing)"
-            for i, m in enumerate(geo.missing)
-            if m
-        ]
-        if on_missing_slice == "refuse":
-            raise MissingSliceError(
-                f"{where}{sum(geo.missing)} slice(s) missing: gap(s) {', '.join(gaps_at)} with a "
-                f"step of {geo.step:.3f} mm; allowed: none (or on_missing_slice='resample')"
-            )
-        flags.append("missing_slice_interpolated")
-    elif geo.kind == "uneven":
-        if on_uneven == "refuse":
-            raise UnevenSpacingError(
-                f"{where}uneven slice spacing: gaps from {min(geo.gaps):.3f} to {max(geo.gaps):.3f}"
-                f" mm (median {geo.step:.3f}); allowed: one step (or on_uneven='resample')"
-            )
-        flags.append("uneven_spacing")
     if geo.kind != "regular":
         array = _resample_regular(array, positions, geo.step)
     if geo.tilt_deg > _TILT_MIN_DEG:
         flags.append("gantry_tilt")
+    if geo.row_col_dot > _ORTHO_FLAG:
+        flags.append("non_orthogonal_orientation")
     if any(s.lossy for s in ordered):
         flags.append("lossy_compression")
     for s in ordered:
@@ -352,11 +464,13 @@ def load_series(
             if f not in flags:
                 flags.append(f)
     dy, dx = geo.pixel_spacing  # PixelSpacing = (between rows, between columns)
-    affine = np.eye(4)
-    affine[:3, 0] = geo.step_vector
-    affine[:3, 1] = np.asarray(geo.col_dir) * dy
-    affine[:3, 2] = np.asarray(geo.row_dir) * dx
-    affine[:3, 3] = geo.origin
+    affine = affine_from_geometry(
+        origin=np.asarray(geo.origin),
+        row_dir=np.asarray(geo.row_dir),
+        col_dir=np.asarray(geo.col_dir),
+        slice_dir=np.asarray(geo.step_vector) / geo.step,
+        spacing=(geo.step, dy, dx),
+    )
     first = ordered[0].info
     prov = {
         "n_files": len(paths),
@@ -390,9 +504,29 @@ def load_series(
     return vol
 
 
+def _check_consistent(slices: Sequence[DecodedSlice], where: str) -> None:
+    """Refuse a series whose slices disagree on the study or on the pixel format."""
+    studies = sorted({str(s.info["study_instance_uid"]) for s in slices})
+    if len(studies) > 1:
+        raise MixedGeometryError(
+            f"{where}slices of {len(studies)} studies ({studies[:3]}) share the series UID; "
+            "allowed: one StudyInstanceUID per series",
+            code="mixed_study",
+        )
+    formats: dict[str, int] = {}
+    for s in slices:
+        formats[str(s.stored.dtype)] = formats.get(str(s.stored.dtype), 0) + 1
+    if len(formats) > 1:
+        raise PixelFormatError(
+            f"{where}slices differ in BitsAllocated / PixelRepresentation (decoded as "
+            f"{formats}); allowed: one pixel format per series",
+            code="mixed_pixel_format",
+        )
+
+
 def _resample_regular(array: np.ndarray, positions: np.ndarray, step: float) -> np.ndarray:
     """Linear interpolation of slices at ``positions`` (ascending, mm) onto ``p0 + k * step``."""
-    n_out = int(np.floor((positions[-1] - positions[0]) / step + 1e-6)) + 1
+    n_out = _n_regular(positions, step)
     targets = positions[0] + step * np.arange(n_out)
     out = np.empty((n_out,) + array.shape[1:], dtype=np.float32)
     hi = np.clip(np.searchsorted(positions, targets, side="left"), 1, len(positions) - 1)

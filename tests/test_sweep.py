@@ -305,7 +305,11 @@ def _stop_ray_session(temp: Path) -> None:
             proc.kill()
 
 
-def test_sweep_on_a_ray_cluster_by_address(archive, tmp_path):
+@contextlib.contextmanager
+def _ray_cluster(workers: int):
+    """A real multi-node Ray cluster on this machine: a head and ``workers`` worker nodes (each
+    its own raylet, 2 logical CPUs), started with `ray start` as an operator would. Yields
+    ``(address, env, worker node-manager ports)``."""
     ray_bin = str(Path(sys.executable).parent / "ray")
     port = 6390 + os.getpid() % 50
     temp = Path(f"/tmp/pdac-rh-{os.getpid()}")  # short: Ray's socket paths must stay < 108 bytes
@@ -314,38 +318,40 @@ def test_sweep_on_a_ray_cluster_by_address(archive, tmp_path):
     # agree on RAY_AUTH_MODE and share the token (README, "Running on a Ray cluster").
     env["RAY_AUTH_MODE"] = "token"
     env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-    start = subprocess.run(
-        [
-            ray_bin,
-            "start",
-            "--head",
-            f"--port={port}",
-            "--num-cpus=2",
-            f"--temp-dir={temp}",
-            "--include-dashboard=false",
-            "--disable-usage-stats",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    common = ["--num-cpus=2", "--disable-usage-stats"]
+    head = [f"--port={port}", f"--temp-dir={temp}", "--include-dashboard=false"]
+    node_ports = [port + 100 + i for i in range(workers)]
     try:
-        assert start.returncode == 0, start.stdout + start.stderr
+        for args in [["--head", *head]] + [
+            [f"--address=127.0.0.1:{port}", f"--node-manager-port={p}"] for p in node_ports
+        ]:
+            start = subprocess.run(
+                [ray_bin, "start", *args, *common],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=180,
+            )
+            assert start.returncode == 0, start.stdout + start.stderr
+        yield f"127.0.0.1:{port}", env, node_ports
+    finally:
+        _stop_ray_session(temp)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _manifest(store: Path) -> dict:
+    import json
+
+    (path,) = sorted((store / "sweeps").glob("*.json"))[-1:]
+    return json.loads(path.read_text())
+
+
+def test_sweep_on_a_two_node_ray_cluster_by_address(archive, tmp_path):
+    with _ray_cluster(workers=1) as (address, env, _):
         store = tmp_path / "store"
+        cmd = [*PDAC, "sweep", str(archive / "dicom"), "--store", str(store)]
         out = subprocess.run(
-            [
-                *PDAC,
-                "sweep",
-                str(archive / "dicom"),
-                "--store",
-                str(store),
-                "--ray-address",
-                f"127.0.0.1:{port}",
-                "--limit",
-                "2",
-                "--demo-key",
-            ],
+            [*cmd, "--ray-address", address, "--limit", "4", "--demo-key"],
             env=env,
             capture_output=True,
             text=True,
@@ -353,10 +359,62 @@ def test_sweep_on_a_ray_cluster_by_address(archive, tmp_path):
         )
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         df = findings(store)
-        assert len(df) == 2 and (df["status"] == "ok").all()
-    finally:
-        _stop_ray_session(temp)
-        shutil.rmtree(temp, ignore_errors=True)
+        assert len(df) == 4 and (df["status"] == "ok").all()
+        summary = _manifest(store)["summary"]
+        # one engine actor per node (SPREAD): both nodes ran studies
+        by_node = summary["studies_by_node"]
+        assert len(by_node) == 2 and sum(by_node.values()) == 4, by_node
+
+
+def _raylet(node_port: int):
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if "raylet" in cmd and f"--node_manager_port={node_port}" in cmd:
+            return proc
+    return None
+
+
+def test_losing_a_ray_node_mid_sweep_is_exactly_once(archive, tmp_path):
+    """A worker node dies (its raylet and every process on it SIGKILLed) while an engine actor
+    on it holds a study: the pool resubmits that work on the surviving node; every study once."""
+    import psutil
+
+    with _ray_cluster(workers=1) as (address, env, (node_port,)):
+        store = tmp_path / "store"
+        cmd = [*PDAC, "sweep", str(archive / "dicom"), "--store", str(store)]
+        proc = subprocess.Popen(
+            [*cmd, "--ray-address", address, "--demo-key"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        raylet = _raylet(node_port)
+        assert raylet is not None
+        deadline = time.monotonic() + 300
+        busy = False
+        while time.monotonic() < deadline and proc.poll() is None and not busy:
+            time.sleep(0.5)
+            kids = raylet.children(recursive=True)
+            busy = any(
+                "EngineActor.process" in " ".join(k.cmdline()) for k in kids if k.is_running()
+            )
+        assert busy, "no engine actor ever ran on the worker node"
+        victims = [raylet, *raylet.children(recursive=True)]
+        for v in victims:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                v.kill()
+        try:
+            output, _ = proc.communicate(timeout=400)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output, _ = proc.communicate()
+        assert proc.returncode == 0, output[-4000:]
+    df = findings(store)
+    assert df["study_instance_uid"].is_unique and len(df) == N_STUDIES
+    assert (df["status"] == "ok").all(), df[["status", "error_code"]]
 
 
 def test_pool_retries_a_dead_actors_work(tmp_path, local_ray):

@@ -11,6 +11,18 @@ Entry points, all per file and safe in worker processes or threads:
   values plus the same header fields).  Raises typed errors naming the file.
 * :func:`to_hu`: ``stored * RescaleSlope + RescaleIntercept``; PixelPaddingValue (and
   PixelPaddingRangeLimit) and out-of-field values (below -1024 HU, e.g. -2000, -3024) -> -1024 HU.
+* :func:`index_path` / :func:`fs_path`: a file's path as stored in rows (valid UTF-8 text) and
+  back.  Bytes of a file name that are not UTF-8 (``os.fsdecode`` turns them into lone surrogates,
+  which Parquet cannot store) are written ``%XX`` and a literal ``%`` is written ``%25``; every
+  other path is stored as it is.  :func:`header_row` and :func:`read_slice` accept either form.
+
+Hostile input: an image is refused before its pixels are decoded when Rows or Columns is outside
+1..:data:`MAX_IMAGE_SIDE` or Rows x Columns x frames x BitsAllocated/8 exceeds
+:data:`MAX_IMAGE_BYTES` (``image_too_large``); native pixel data whose length is not
+Rows x Columns x BitsAllocated/8 (an even pad byte allowed) is refused (``pixel_length_mismatch``),
+as is a RescaleSlope of 0 or a non-finite slope or intercept (``bad_rescale``).  Free text
+(SeriesDescription, StudyDescription, ProtocolName, ContrastBolusAgent) is scrubbed
+(:func:`pdacscreen.io.dicom.scrub.scrub_text`) before it enters a row.
 
 Headers are read by a small scanner (below) for the common little-endian Part 10
 files: it walks element headers, keeps the ~45 tags pdacscreen uses and skips the
@@ -24,9 +36,12 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import math
 import multiprocessing as mp
 import os
+import re
 import struct
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +55,12 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID
 from pydicom.valuerep import TEXT_VR_DELIMS
 
+from pdacscreen.io.dicom.scrub import scrub_text
 from pdacscreen.io.errors import (
     DicomReadError,
+    ErrorCode,
     PdacscreenError,
+    PixelFormatError,
     UnsupportedImageError,
     UnsupportedTransferSyntaxError,
 )
@@ -54,12 +72,20 @@ __all__ = [
     "DecodedSlice",
     "check_decodable",
     "derived_uid",
+    "fs_path",
     "header_row",
+    "index_path",
     "read_slice",
     "to_hu",
 ]
 
 AIR_HU = -1024.0
+#: Largest Rows or Columns loaded (CT is 512, sometimes 1024; 8192 covers any CT detector).
+MAX_IMAGE_SIDE = 8192
+#: Largest decoded image, Rows x Columns x frames x BitsAllocated / 8 bytes (8192^2 x 16 bit).
+MAX_IMAGE_BYTES = 128 * 1024**2
+#: Free-text columns that are scrubbed before they are stored (see :mod:`.scrub`).
+FREE_TEXT_COLUMNS = ("series_description", "study_description", "protocol_name")
 _PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
 _IMPLICIT_LE, _EXPLICIT_LE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"
 _NATIVE = {_IMPLICIT_LE, _EXPLICIT_LE}
@@ -205,6 +231,55 @@ def derived_uid(*parts: object) -> str:
     return "2.25." + str(int.from_bytes(h.digest()[:16], "big"))
 
 
+_ESCAPED = re.compile(r"%(25|[89A-F][0-9A-F])")
+
+
+def index_path(path: str | bytes | os.PathLike) -> str:
+    """A file-system path as stored in rows: valid UTF-8 text, reversible by :func:`fs_path`.
+
+    Undecodable file-name bytes (lone surrogates from ``os.fsdecode``) become ``%XX`` and a
+    literal ``%`` becomes ``%25``; a path with neither is returned unchanged.
+    """
+    p = os.fsdecode(path)
+    if "%" not in p and p.isascii():
+        return p
+    if "%" not in p and not any("\udc80" <= c <= "\udcff" for c in p):
+        return p
+    out = []
+    for c in p:
+        if c == "%":
+            out.append("%25")
+        elif "\udc80" <= c <= "\udcff":
+            out.append(f"%{ord(c) - 0xDC00:02X}")
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+def _unescape(m: re.Match) -> str:
+    return "%" if m.group(1) == "25" else chr(0xDC00 + int(m.group(1), 16))
+
+
+def fs_path(path: str | bytes | os.PathLike) -> str:
+    """The file-system path (``str``, surrogate-escaped) of a path in either form.
+
+    A row's path (:func:`index_path`) is decoded back; a path that is not in row form (it
+    exists as it is and its decoded form does not) is returned unchanged.
+    """
+    p = os.fsdecode(path)
+    if "%" not in p:
+        return p
+    real = _ESCAPED.sub(_unescape, p)
+    if real != p and not os.path.lexists(real) and os.path.lexists(p):
+        return p
+    return real
+
+
+def _text(message: str) -> str:
+    """A message safe for Parquet: lone surrogates (undecodable path bytes) written as escapes."""
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def check_decodable(transfer_syntax_uid: str, *, where: str = "") -> None:
     """Raise :class:`UnsupportedTransferSyntaxError` unless an installed plugin decodes the TS."""
     if transfer_syntax_uid in _NATIVE:
@@ -250,6 +325,8 @@ class _Reader:
 
     def need(self, end: int) -> None:
         """Make bytes [0, end) available; EOFError if the file is shorter."""
+        if end > self.size:  # never ask the file for more than it has (mutated lengths)
+            raise EOFError(f"needs {end} bytes, file has {self.size}")
         if end > len(self.buf):
             self.fp.seek(len(self.buf))
             self.buf += self.fp.read(max(end - len(self.buf), 32768))
@@ -331,6 +408,8 @@ def _scan(fp, size: int) -> _Scan:
             off += hdr + length
     except EOFError as e:  # cut inside the preamble or file meta: let pydicom judge
         raise _Unhandled("short file meta") from e
+    if ts == "1.2.840.10008.1.2.1.99":
+        _check_inflated_size(fp, off)
     if ts is None or ts == "1.2.840.10008.1.2.2" or ts == "1.2.840.10008.1.2.1.99":
         raise _Unhandled(f"transfer syntax {ts}")
     implicit = ts == _IMPLICIT_LE
@@ -379,6 +458,49 @@ def _scan(fp, size: int) -> _Scan:
     )
 
 
+_MAX_INFLATED = MAX_IMAGE_BYTES + 64 * 1024**2
+_DEFER = 1024**2  # pydicom reads values longer than this lazily (a mutated length is not read)
+
+
+class _Bounded:
+    """A file whose ``read(n)`` never asks for more than the bytes left: a mutated length of 4 GB
+    inside a sequence (where pydicom ignores ``defer_size``) is not an allocation of 4 GB."""
+
+    def __init__(self, fp, size: int) -> None:
+        self._fp, self._size = fp, size
+
+    def read(self, n: int = -1) -> bytes:
+        left = max(0, self._size - self._fp.tell())
+        return self._fp.read(left if n is None or n < 0 else min(n, left))
+
+    def __getattr__(self, name: str):
+        return getattr(self._fp, name)
+
+
+def _check_inflated_size(fp, offset: int) -> None:
+    """A deflated dataset is inflated whole by pydicom: measure it first, in bounded chunks."""
+    fp.seek(offset)
+    z, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
+    try:
+        while chunk := fp.read(65536):
+            data = z.decompress(chunk, 1 << 24)
+            total += len(data)
+            while z.unconsumed_tail and total <= _MAX_INFLATED:
+                data = z.decompress(z.unconsumed_tail, 1 << 24)
+                total += len(data)
+            if total > _MAX_INFLATED:
+                raise UnsupportedImageError(
+                    f"deflated dataset inflates to more than {_MAX_INFLATED} bytes; allowed up "
+                    f"to {_MAX_INFLATED}",
+                    code="image_too_large",
+                )
+            if z.eof:
+                break
+    except zlib.error:
+        pass  # not valid deflate: pydicom reports it
+    fp.seek(0)
+
+
 # --- the pydicom path (fallback) ---------------------------------------------------------------
 
 
@@ -397,8 +519,9 @@ def _ended_mid_element(ds: pydicom.Dataset, size: int) -> str:
 
 def _pydicom_header(fp, size: int) -> _Scan:
     """Header via pydicom (any encoding); pixel data presence checked like the scanner."""
+    fp = _Bounded(fp, size)
     try:
-        ds = pydicom.dcmread(fp, stop_before_pixels=True)
+        ds = pydicom.dcmread(fp, stop_before_pixels=True, defer_size=_DEFER)
     except InvalidDicomError:
         fp.seek(0)
         start = fp.read(4)
@@ -406,18 +529,22 @@ def _pydicom_header(fp, size: int) -> _Scan:
         if not (len(start) == 4 and start[:2] == b"\x08\x00" and start[3:4] == b"\x00"):
             raise
         fp.seek(0)
-        ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+        ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True, defer_size=_DEFER)
     ts = str(ds.file_meta.get("TransferSyntaxUID", "") or _IMPLICIT_LE)
     values = {}
     for kw in _KEYWORDS:
         try:
-            v = ds.get(kw, None)
+            raw = ds.get_item(_TAG_OF[kw])
+            deferred = (
+                raw is not None and raw.value is None and (getattr(raw, "length", 0) or 0) > _DEFER
+            )
+            v = None if deferred else ds.get(kw, None)  # a huge value is not one we read
         except Exception:  # noqa: BLE001 - a malformed value is treated as missing
             v = None
         values[kw] = str(v) if isinstance(v, pydicom.valuerep.PersonName) else v
     if ts == "1.2.840.10008.1.2.1.99":  # deflated: the whole dataset is compressed
         fp.seek(0)
-        full = pydicom.dcmread(fp)
+        full = pydicom.dcmread(fp, defer_size=_DEFER)
         return _Scan(values, ts, None, None, None if "PixelData" in full else "no_pixel_data")
     pos = fp.tell()
     head = fp.read(12)
@@ -460,40 +587,49 @@ def _info(scan: _Scan, *, key: bytes) -> dict:
     info = {col: _get(scan, kw, kind) for col, (kw, kind) in _TAGS.items()}
     info["transfer_syntax_uid"] = scan.ts
     info["flags"] = ",".join(_fill_ids(info, scan, key=key))
+    for col in (*FREE_TEXT_COLUMNS, "contrast_bolus_agent"):  # after the derived UIDs: stable
+        info[col] = scrub_text(info[col])
     return info
 
 
 def header_row(path: str | Path, *, key: bytes) -> dict:
     """Index row for one file from a header-only read. Never raises for a bad file."""
-    path = str(path)
+    path = fs_path(path)
     row: dict = {c: None for c in INDEX_COLUMNS}
-    row.update(path=path, status="ok", flags="", has_pixel_data=False)
+    row.update(path=index_path(path), status="ok", flags="", has_pixel_data=False)
     try:
         st = os.stat(path)
         row.update(size=int(st.st_size), mtime_ns=int(st.st_mtime_ns))
         with open(path, "rb") as fp:
             scan = _header(fp, row["size"])
+    except PdacscreenError as e:
+        return _error(row, e.code, str(e))
     except InvalidDicomError as e:
         return _error(row, "not_dicom", f"not a DICOM file (no DICM prefix): {e}")
     except (EOFError, struct.error) as e:
         return _error(row, "truncated", f"file ends early: {e}")
     except Exception as e:  # noqa: BLE001 - a bad file is a row, never a crashed crawl
         return _error(row, "unreadable", f"{type(e).__name__}: {e}")
-    row.update(_info(scan, key=key))
+    try:
+        row.update(_info(scan, key=key))
+    except Exception as e:  # noqa: BLE001 - values no reader expected
+        return _error(row, "unreadable", f"header values: {type(e).__name__}: {e}")
     row["has_pixel_data"] = scan.error is None
     if scan.error is not None:
         msg = {"no_pixel_data": "no pixel data element", "truncated": "file cut short"}
         return _error(row, scan.error, msg[scan.error])
     try:
-        _check_image(row, where="")
+        _check_image(row, where="", bits=_get(scan, "BitsAllocated", "int"))
         check_decodable(scan.ts)
+        _rescale(scan, "")
     except PdacscreenError as e:
         return _error(row, e.code, str(e))
     return row
 
 
 def _error(row: dict, code: str, message: str) -> dict:
-    row.update(status="error", error_code=code, error_message=message[:500])
+    code = str(code) if code in ErrorCode._value2member_map_ else ErrorCode.UNREADABLE
+    row.update(status="error", error_code=str(code), error_message=_text(message[:500]))
     return row
 
 
@@ -549,9 +685,23 @@ def _fill_ids(row: dict, scan: _Scan, *, key: bytes) -> list[str]:
     return flags
 
 
-def _check_image(info: dict, *, where: str) -> None:
-    """Refuse images pdacscreen does not load (multi-frame, colour)."""
-    nf = info.get("number_of_frames")
+def _check_image(info: dict, *, where: str, bits: int | None = None) -> None:
+    """Refuse images pdacscreen does not load (multi-frame, colour, absurd sizes), before any
+    pixel is decoded."""
+    rows, cols, nf = info.get("rows"), info.get("columns"), info.get("number_of_frames")
+    for name, v in (("Rows", rows), ("Columns", cols)):
+        if v is not None and not 1 <= v <= MAX_IMAGE_SIDE:
+            raise UnsupportedImageError(
+                f"{where}{name}={v}: allowed 1..{MAX_IMAGE_SIDE}", code="image_too_large"
+            )
+    if rows and cols:
+        need = rows * cols * max(1, nf or 1) * max(1, math.ceil((bits or 16) / 8))
+        if need > MAX_IMAGE_BYTES:
+            raise UnsupportedImageError(
+                f"{where}Rows x Columns x frames x BitsAllocated = {rows}x{cols}x{nf or 1}x"
+                f"{bits or 16} bits needs {need} bytes; allowed up to {MAX_IMAGE_BYTES}",
+                code="image_too_large",
+            )
     if nf is not None and nf > 1:
         raise UnsupportedImageError(
             f"{where}NumberOfFrames={nf}: multi-frame images are not loaded (allowed: 1)",
@@ -608,6 +758,11 @@ def _native_pixels(fp, scan: _Scan, info: dict, where: str) -> np.ndarray:
             f"image of {alloc} bits needs {nbytes}",
             code="truncated",
         )
+    if scan.pixel_length > nbytes + (nbytes & 1):  # a pad byte to even length is allowed
+        raise PixelFormatError(
+            f"{where}pixel data has {scan.pixel_length} bytes, a {rows}x{cols} image of {alloc} "
+            f"bits needs {nbytes}: Rows, Columns or BitsAllocated contradict the data"
+        )
     fp.seek(scan.pixel_offset)
     arr = np.empty((rows, cols), dtype=dtype.newbyteorder("="))
     view = memoryview(arr).cast("B")
@@ -624,11 +779,15 @@ def _native_pixels(fp, scan: _Scan, info: dict, where: str) -> np.ndarray:
 
 def _pydicom_pixels(path: str, where: str) -> np.ndarray:
     try:
-        ds = pydicom.dcmread(path)
-        arr = ds.pixel_array
+        with open(path, "rb") as raw:
+            ds = pydicom.dcmread(_Bounded(raw, os.fstat(raw.fileno()).st_size), defer_size=_DEFER)
+            arr = ds.pixel_array
     except NotImplementedError as e:
         raise UnsupportedTransferSyntaxError(f"{where}{e}") from e
-    except Exception as e:  # noqa: BLE001 - bad lengths, corrupt codestreams
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - bad lengths, corrupt codestreams, and the Rust
+        # decoders' PanicException (a BaseException, not an Exception)
         code = "truncated" if "length" in str(e).lower() else "unreadable"
         raise DicomReadError(f"{where}pixel data cannot be decoded: {e}", code=code) from e
     if arr.ndim != 2:
@@ -636,34 +795,63 @@ def _pydicom_pixels(path: str, where: str) -> np.ndarray:
     return arr if arr.dtype.isnative else arr.astype(arr.dtype.newbyteorder("="))
 
 
+def _rescale(scan: _Scan, where: str) -> tuple[float, float]:
+    """(RescaleSlope, RescaleIntercept); absent: (1, 0).  A slope of 0 would make every voxel
+    equal, and a non-finite value every voxel NaN: both refused (``bad_rescale``)."""
+    slope, intercept = _get(scan, "RescaleSlope", "float"), _get(scan, "RescaleIntercept", "float")
+    slope = 1.0 if slope is None else slope
+    intercept = 0.0 if intercept is None else intercept
+    if slope == 0 or not math.isfinite(slope) or not math.isfinite(intercept):
+        raise PixelFormatError(
+            f"{where}RescaleSlope={slope}, RescaleIntercept={intercept}: allowed a finite, "
+            "non-zero slope and a finite intercept",
+            code="bad_rescale",
+        )
+    return slope, intercept
+
+
 def read_slice(path: str | Path, *, key: bytes) -> DecodedSlice:
-    """Read and decode one single-frame image (stored values). Raises typed errors."""
-    path = str(path)
-    where = f"{path}: "
+    """Read and decode one single-frame image (stored values). Raises typed errors.
+
+    ``path``: a file-system path or a row's path (:func:`index_path`); ``DecodedSlice.path`` is
+    the row form."""
+    real = fs_path(path)
+    path = index_path(real)
+    where = f"{_text(path)}: "
     try:
-        with open(path, "rb") as fp:
+        with open(real, "rb") as fp:
             scan = _header(fp, os.fstat(fp.fileno()).st_size)
             if scan.error is not None:
                 raise DicomReadError(f"{where}{scan.error.replace('_', ' ')}", code=scan.error)
             info = _info(scan, key=key)
-            _check_image(info, where=where)
+            _check_image(info, where=where, bits=_get(scan, "BitsAllocated", "int"))
             check_decodable(scan.ts, where=where)
+            slope, intercept = _rescale(scan, where)
             native = scan.ts in _NATIVE and scan.pixel_offset is not None
             stored = _native_pixels(fp, scan, info, where) if native else None
+    except PdacscreenError:
+        raise
     except InvalidDicomError as e:
         raise DicomReadError(f"{where}not a DICOM file: {e}", code="not_dicom") from e
     except (EOFError, struct.error) as e:
         raise DicomReadError(f"{where}file ends early: {e}", code="truncated") from e
     except OSError as e:
         raise DicomReadError(f"{where}{e}") from e
+    except Exception as e:  # noqa: BLE001 - malformed headers (deep nesting, bad values ...)
+        raise DicomReadError(f"{where}header unreadable: {type(e).__name__}: {e}") from e
     if stored is None:
-        stored = _pydicom_pixels(path, where)
+        stored = _pydicom_pixels(real, where)
+    if stored.shape != (info["rows"], info["columns"]):
+        raise PixelFormatError(
+            f"{where}decoded image is {stored.shape}, the header says Rows={info['rows']}, "
+            f"Columns={info['columns']}"
+        )
     return DecodedSlice(
         path=path,
         stored=stored,
         info=info,
-        slope=_get(scan, "RescaleSlope", "float") or 1.0,
-        intercept=_get(scan, "RescaleIntercept", "float") or 0.0,
+        slope=slope,
+        intercept=intercept,
         padding_value=_get(scan, "PixelPaddingValue", "int"),
         padding_limit=_get(scan, "PixelPaddingRangeLimit", "int"),
         lossy=info["lossy_image_compression"] == "01" or scan.ts in _LOSSY_TS,
@@ -720,6 +908,11 @@ def worker_pool(workers: int) -> ProcessPoolExecutor:
     return pool
 
 
-def drop_worker_pool(workers: int) -> None:
-    """Forget a broken pool so the next call starts a fresh one."""
-    _POOLS.pop(workers, None)
+def drop_worker_pool(workers: int, *, kill: bool = False) -> None:
+    """Forget a broken pool so the next call starts a fresh one; ``kill``: end its processes
+    first (a decode that hangs in a C decoder cannot be interrupted any other way)."""
+    pool = _POOLS.pop(workers, None)
+    if kill and pool is not None:
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            proc.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
