@@ -23,6 +23,7 @@ from pathlib import Path
 from pydantic import SecretBytes
 
 from pdacscreen.engine.config import EngineConfig
+from pdacscreen.io.dicomweb import DicomwebSource
 from pdacscreen.io.errors import InputError
 from pdacscreen.io.pseudonym import check_key, key_fingerprint
 from pdacscreen.io.select import SelectionRules
@@ -59,8 +60,12 @@ class SweepConfig:
         limit: process at most this many studies.
         n_actors: engine actors (``None``: one per GPU, else half the CPUs).
         flush_every: studies per atomic findings file.
+        load_timeout_s: a study whose series takes longer to load is killed (``decode_timeout``).
         hash_paths: failures rows name files by keyed hashes of their archive paths (not in the
             config hash: it changes no finding).
+        source: the DICOMweb source when ``archive`` is ``dicomweb+http(s)://`` (its credentials
+            are ``SecretStr``; not in the config hash: where the images come from changes no
+            finding); ``write_back``: send the SEG and SR of each flagged study back by STOW-RS.
         hash: the config hash (see :func:`config_hash`).
     """
 
@@ -77,7 +82,10 @@ class SweepConfig:
     limit: int | None = None
     n_actors: int | None = None
     flush_every: int = 8
+    load_timeout_s: float = 900.0
     hash_paths: bool = False
+    source: DicomwebSource | None = None
+    write_back: bool = False
     hash: str = ""
 
     def __post_init__(self) -> None:
@@ -123,7 +131,10 @@ class SweepConfig:
             "limit": self.limit,
             "n_actors": self.n_actors,
             "flush_every": self.flush_every,
+            "load_timeout_s": self.load_timeout_s,
             "hash_paths": self.hash_paths,
+            "source": self.source.describe() if self.source else None,
+            "write_back": self.write_back,
         }
 
 

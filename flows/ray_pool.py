@@ -78,6 +78,7 @@ def run_pool(
     max_attempts: int = 2,
     load_options: dict[str, Any] | None = None,
     capacity: Callable[[], int] | None = None,
+    load_timeout_s: float | None = None,
 ) -> Iterator[WorkOutcome]:
     """Yield one :class:`WorkOutcome` per item, in completion order.
 
@@ -95,6 +96,9 @@ def run_pool(
         capacity: how many engine actors the cluster can hold now (asked when an actor dies: after
             a node is lost, a dead actor is replaced only while the survivors leave room for the
             loaders, else the pool shrinks, never below one actor). None: always replace.
+        load_timeout_s: a loader running longer (e.g. a decoder hung on a corrupted codestream)
+            is killed (``ray.cancel(force=True)``: its worker process only) and the item becomes
+            an outcome with code ``decode_timeout``; the pool goes on.
     """
     if n_actors < 1:
         raise ValueError(f"n_actors must be >= 1, got {n_actors}")
@@ -109,6 +113,7 @@ def run_pool(
     pending_items = iter(items)
     retry: deque[tuple[WorkItem, int]] = deque()
     loading: dict[ray.ObjectRef, tuple[WorkItem, int, ray.ObjectRef]] = {}
+    started: dict[ray.ObjectRef, float] = {}
     ready: deque[tuple[WorkItem, int, ray.ObjectRef, float]] = deque()
     running: dict[ray.ObjectRef, tuple[WorkItem, int, int, ray.ObjectRef, float]] = {}
     exhausted = False
@@ -134,6 +139,7 @@ def run_pool(
             item, attempt = nxt
             status_ref, value_ref = load_task.remote(load, item.payload)
             loading[status_ref] = (item, attempt, value_ref)
+            started[status_ref] = time.monotonic()
         # 2. Hand loaded items to idle actors.
         while idle and ready:
             item, attempt, ref, t_loaded = ready.popleft()
@@ -146,9 +152,23 @@ def run_pool(
             continue
         waitable = list(loading) + list(running)
         done, _ = ray.wait(waitable, num_returns=1, timeout=5.0, fetch_local=False)
+        if load_timeout_s is not None:
+            now = time.monotonic()
+            for ref in [r for r in loading if r not in done and now - started[r] > load_timeout_s]:
+                item, attempt, _ = loading.pop(ref)
+                started.pop(ref, None)
+                ray.cancel(ref, force=True, recursive=False)
+                log.warning("loader of one study ran past %.0fs: killed", load_timeout_s)
+                yield WorkOutcome(
+                    item.key,
+                    error_code="decode_timeout",
+                    message=f"loading ran past {load_timeout_s:.0f}s (a decoder hung?); killed",
+                    attempts=attempt,
+                )
         for ref in done:
             if ref in loading:
                 item, attempt, value_ref = loading.pop(ref)
+                started.pop(ref, None)
                 try:
                     status = ray.get(ref)
                 except (RayTaskError, WorkerCrashedError) as e:  # the loader process died

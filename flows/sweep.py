@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import signal
 import socket
 import threading
@@ -55,9 +56,22 @@ from pdacscreen.flows.outcomes import (
     text_or_none,
 )
 from pdacscreen.flows.ray_pool import WorkItem, init_ray, run_pool
-from pdacscreen.flows.study_worker import EngineActor, load_study
+from pdacscreen.flows.study_worker import EngineActor, evidence_folder_name, load_study
+from pdacscreen.io.dicomweb import (
+    DicomwebSource,
+    fetch_series,
+    index_source,
+    is_dicomweb,
+    source_from_env,
+)
 from pdacscreen.io.errors import ErrorCode, Status
-from pdacscreen.io.index import IndexUpdate, read_index, update_index
+from pdacscreen.io.index import (
+    IndexUpdate,
+    read_index,
+    source_instance_counts,
+    update_index,
+    update_index_rows,
+)
 from pdacscreen.io.pseudonym import load_key
 from pdacscreen.io.select import StudySelection, load_rules, select_series
 from pdacscreen.io.store import FindingsStore
@@ -182,6 +196,8 @@ def build_config(
     flush_every: int = 8,
     package: ModelPackage | None = None,
     hash_paths: bool = False,
+    source: DicomwebSource | None = None,
+    write_back: bool = False,
 ) -> SweepConfig:
     """The sweep's one configuration, resolved in the driver.
 
@@ -211,6 +227,8 @@ def build_config(
         n_actors=n_actors,
         flush_every=flush_every,
         hash_paths=hash_paths,
+        source=source,
+        write_back=write_back,
     )
 
 
@@ -260,6 +278,57 @@ def _stop_scope():
 )
 def index_archive(config: SweepConfig) -> IndexUpdate:
     return update_index(Path(config.archive), FindingsStore(config.store).index_dir, key=config.key)
+
+
+@task(name="index-dicomweb", cache_policy=NO_CACHE)
+def index_dicomweb(config: SweepConfig, sweep_id: str) -> IndexUpdate:
+    """Index the DICOMweb source's CT studies not yet processed for this model and config hash.
+
+    A study whose series cannot be read is left out (planned again next run) and recorded as a
+    ``failures`` row with its code (``source_unavailable``, ``source_unauthorized`` ...).
+    """
+    store = FindingsStore(config.store)
+    done = store.processed_studies(model_version=config.model_version, config_hash=config.hash)
+    found = index_source(
+        config.source, key=config.key, skip=done, known=source_instance_counts(store.index_dir)
+    )
+    studies = {str(r["study_instance_uid"]) for r in found.rows if r.get("study_instance_uid")}
+    upd = update_index_rows(
+        found.rows, store.index_dir, archive=config.source.archive, key=config.key, studies=studies
+    )
+    if found.problems:
+        now = dt.datetime.now(dt.UTC)
+        rows = [
+            {**p, "stage": "index", "path": config.source.archive, "occurred_at": now}
+            for p in found.problems
+        ]
+        sweep_store(config).append_failures(rows, sweep_id=sweep_id)
+    log.info(
+        "DICOMweb: %d studies found, %d indexed, %d problems, %d bytes",
+        found.studies_found,
+        found.studies_indexed,
+        len(found.problems),
+        found.bytes_received,
+    )
+    return upd
+
+
+def load_any(task_: StudyTask, config: SweepConfig):
+    """The loader for either source: a DICOMweb series is retrieved (only the chosen series, as
+    stored) into ``STORE/cache/<study>-<pid>/``, loaded by the same loader, and the cache
+    folder deleted, whatever happened."""
+    if config.source is None or not task_.files or not is_dicomweb(task_.files[0]):
+        return load_study(task_, config)
+    name = f"{evidence_folder_name(task_.study_instance_uid)}-{os.getpid()}"
+    folder = Path(config.store) / "cache" / name
+    try:
+        files = fetch_series(config.source, task_.files, folder=folder)
+        local = StudyTask(
+            task_.study_instance_uid, task_.series_instance_uid, tuple(str(f) for f in files)
+        )
+        return load_study(local, config)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @task(name="select-series", cache_policy=NO_CACHE)
@@ -404,12 +473,13 @@ def fan_out(
     t_start = time.perf_counter()
     pool = run_pool(
         items,
-        load=functools.partial(load_study, config=config),
+        load=functools.partial(load_any, config=config),
         actor_factory=factory,
         n_actors=n_actors,
         max_in_flight=2 * n_actors + 1,
         max_attempts=2,
         capacity=lambda: min(n_actors, _engine_slots(ray.cluster_resources(), None)),
+        load_timeout_s=config.load_timeout_s,
     )
     # Ray's driver installs its own SIGTERM handler (exit): ours goes on top, after init_ray.
     with _stop_on_sigterm(stop), contextlib.closing(pool):
@@ -560,6 +630,10 @@ def nightly_sweep(
     flush_every: int = 8,
     demo_key: bool = False,
     hash_paths: bool = False,
+    study_date: str | None = None,
+    write_back: bool = False,
+    tls_verify: bool = True,
+    ca_bundle: str | None = None,
 ) -> dict[str, Any]:
     """Sweep ``archive`` into ``store`` with the model package ``model`` (default: reference).
 
@@ -567,12 +641,23 @@ def nightly_sweep(
     otherwise ``PDACSCREEN_PSEUDONYM_KEY`` / ``_FILE`` must be set) and travels to the workers
     inside the :class:`SweepConfig`; it is never a flow parameter.  ``hash_paths``: failures rows
     name files by keyed hashes of their archive paths (folders named after patients).
+
+    A ``dicomweb+http(s)://`` archive is a DICOMweb source: its credentials come from the
+    environment (:func:`pdacscreen.io.dicomweb.source_from_env`), never from a parameter;
+    ``study_date`` narrows its QIDO search (``20240101-``), ``tls_verify`` / ``ca_bundle`` set
+    TLS checks; ``write_back`` sends each flagged study's SEG and SR back by STOW-RS.
     """
     logger = get_run_logger()
     t0 = time.perf_counter()
     fs = FindingsStore(Path(store))
     sweep_id = fs.new_sweep_id()  # ordered even when the clock went backwards
     key = load_key(demo=demo_key)
+    source = None
+    if is_dicomweb(archive):
+        opts: dict[str, Any] = {"study_date": study_date, "verify": tls_verify}
+        if ca_bundle:
+            opts["ca_bundle"] = ca_bundle
+        source = source_from_env(archive, **opts)
     with _stop_scope() as stop, fs.lock(sweep_id=sweep_id):
         package = load_package(Path(model) if model else None)
         config = build_config(
@@ -588,9 +673,11 @@ def nightly_sweep(
             flush_every=flush_every,
             package=package,
             hash_paths=hash_paths,
+            source=source,
+            write_back=write_back,
         )
         fs = sweep_store(config)
-        upd = index_archive(config)
+        upd = index_archive(config) if source is None else index_dicomweb(config, sweep_id)
         selections, index = select_studies(config)
         summary = SweepSummary(
             sweep_id=sweep_id,

@@ -455,6 +455,42 @@ def test_pool_retries_a_dead_actors_work(tmp_path, local_ray):
     assert Path(marker).exists()
 
 
+def test_a_hung_loader_is_killed_and_the_pool_goes_on(local_ray):
+    """A decoder that never returns (as on a corrupted JPEG-LS codestream) costs one study."""
+    import ray
+
+    from pdacscreen.flows.ray_pool import WorkItem, run_pool
+
+    class Engine:
+        def process(self, key, loaded):
+            return float(np.sum(loaded))
+
+    def _load(payload):
+        if payload == 1:
+            time.sleep(3600)  # hangs
+        return np.full(4, payload, dtype=np.float64)
+
+    cls = ray.remote(Engine).options(num_cpus=0.5)
+    items = [WorkItem(f"study-{i}", i) for i in range(4)]
+    t0 = time.monotonic()
+    outs = {
+        o.key: o
+        for o in run_pool(
+            items,
+            load=_load,
+            actor_factory=cls.remote,
+            n_actors=1,
+            max_in_flight=2,
+            load_options={"num_cpus": 0.5},
+            load_timeout_s=3.0,
+        )
+    }
+    assert sorted(outs) == [f"study-{i}" for i in range(4)]
+    assert outs["study-1"].error_code == "decode_timeout"
+    assert [outs[f"study-{i}"].value for i in (0, 2, 3)] == [0.0, 8.0, 12.0]
+    assert time.monotonic() - t0 < 600  # (not a timing assertion: it did not wait an hour)
+
+
 def test_deployment_has_a_nightly_cron_schedule(tmp_path):
     from pdacscreen.flows.deploy import DEFAULT_CRON, build_deployment
 
