@@ -45,6 +45,7 @@ __all__ = [
     "match_by_mask",
     "froc",
     "lesion_metrics",
+    "sensitivity_by_band",
 ]
 
 FP_LEVELS = (0.125, 0.25, 0.5, 1.0, 2.0)
@@ -485,3 +486,57 @@ def lesion_metrics(
         froc_fp_per_case=tuple(float(v) for v in fps[keep]),
         froc_sensitivity=tuple(float(v) for v in sens[keep]),
     )
+
+
+def _band_names(edges: Sequence[float]) -> list[str]:
+    e = [f"{v:g}" for v in edges]
+    return (
+        [f"< {e[0]}"] + [f"{a}-{b}" for a, b in zip(e[:-1], e[1:], strict=True)] + [f">= {e[-1]}"]
+    )
+
+
+def sensitivity_by_band(
+    scores,
+    labels,
+    values,
+    *,
+    threshold: float,
+    edges: Sequence[float],
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Rate]:
+    """Sensitivity at ``threshold`` of the positive cases, grouped by a per-case value.
+
+    Bands are ``< e0``, ``e0-e1``, ..., ``>= e_last`` over ascending ``edges`` (a value equal to an
+    edge falls in the upper band), e.g. ``edges=(2, 4)`` on lesion d' gives ``< 2``, ``2-4``,
+    ``>= 4``; positives with a NaN value form an ``unknown`` band.  Negatives are ignored and a NaN
+    score counts as not flagged.  Only bands holding positives are returned, in order; each
+    :class:`Rate` carries a percentile bootstrap 95% interval over that band's positives (seeded).
+    """
+    y = np.asarray(labels).astype(bool)
+    s = np.asarray(scores, float)
+    v = np.asarray(values, float)
+    e = np.asarray(edges, float)
+    if not (y.shape == s.shape == v.shape and y.ndim == 1):
+        raise ValueError(
+            f"scores, labels and values must be 1-D of one length, got {s.shape}, {y.shape}, "
+            f"{v.shape}"
+        )
+    if e.ndim != 1 or e.size == 0 or np.any(np.diff(e) <= 0) or not np.all(np.isfinite(e)):
+        raise ValueError(f"edges must be finite and strictly ascending, got {list(edges)!r}")
+    flagged = s >= float(threshold)
+    band = np.searchsorted(e, v, side="right")
+    names = _band_names(e)
+    rng = np.random.default_rng(seed)
+    out: dict[str, Rate] = {}
+    groups = [(names[i], y & (band == i) & ~np.isnan(v)) for i in range(len(names))]
+    for name, mask in groups + [("unknown", y & np.isnan(v))]:
+        n = int(mask.sum())
+        if n == 0:
+            continue
+        k = int(flagged[mask].sum())
+        lo = hi = float("nan")
+        if n_boot > 0:
+            lo, hi = _ci(rng.binomial(n, k / n, size=n_boot) / n)
+        out[name] = Rate(k / n, lo, hi, numerator=k, denominator=n)
+    return out

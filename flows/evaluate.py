@@ -9,6 +9,9 @@ with :mod:`pdacscreen.engine.metrics` (case level, lesion level, subgroups); wri
 Subgroups (``--by``): ``size`` (reference lesion diameter < 20 mm / >= 20 mm) and ``location``
 (head / body / tail) group the *positive* cases and keep every negative in each group (so
 specificity is the overall one); ``vendor``, ``thickness`` and ``site`` group all cases.
+Beside them, ``sensitivity_by_band`` gives the positives' sensitivity at the operating threshold by
+reference diameter (< 20 / >= 20 mm) and, when the labels have ``lesion_dprime`` (the phantom truth
+table's ideal-observer detectability, :mod:`pdacscreen.io.phantom.observer`), by d' (< 2, 2-4, >= 4).
 """
 
 from __future__ import annotations
@@ -349,6 +352,16 @@ def evaluate(
         if cands
         else None
     )
+    bands = {}
+    for name, col, edges in (
+        ("dprime", "lesion_dprime__label", (2.0, 4.0)),
+        ("size_mm", "lesion_diameter_mm__label", (20.0,)),
+    ):
+        if col in df.columns and df[col].notna().any():
+            values = pd.to_numeric(df[col], errors="coerce").to_numpy(float)
+            bands[name] = M.sensitivity_by_band(
+                score, y, values, threshold=thr, edges=edges, n_boot=n_boot, seed=seed
+            )
     subgroups, sub_notes = {}, {}
     for b in by:
         groups, why = _groups(df, b)
@@ -416,6 +429,7 @@ def evaluate(
             "lesion_level": lesion,
             "subgroups": subgroups,
             "subgroup_notes": sub_notes,
+            "sensitivity_by_band": bands,
             "notes": notes,
             "exclusions": excl.to_dict("records"),
         }

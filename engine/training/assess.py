@@ -7,9 +7,11 @@ with the truth table and label map.  Reports case-level AUROC (bootstrap 95% CI)
 specificity at the package's operating threshold, sensitivity at >= 95% specificity (threshold
 chosen on this archive), sensitivity for PDACs < 2 cm and >= 2 cm, the fraction of detected PDACs
 localised (a predicted lesion component with IoU >= 0.1 against the true lesion, or containing the
-true lesion centre), and false-positive rates on cysts, fatty pancreases without PDAC, and the other
-negatives.  ``--update-card`` merges the result into the package's ``assessment.json`` and
-regenerates its README (documentation only: model.json and its hashes are unchanged).
+true lesion centre), false-positive rates on cysts, fatty pancreases without PDAC, and the other
+negatives, and sensitivity by band of the lesion's ideal-observer d' (< 2, 2-4, >= 4; the truth's
+``lesion_dprime``, see :mod:`pdacscreen.io.phantom.observer`) and of its diameter (< 20, >= 20 mm).
+``--update-card`` merges the result into the package's ``assessment.json`` and regenerates its
+README (documentation only: model.json and its hashes are unchanged).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +28,7 @@ from scipy import ndimage
 
 from pdacscreen.engine.evidence import masks_in_series_grid
 from pdacscreen.engine.inference import Detector
-from pdacscreen.engine.metrics import case_metrics, roc_auc
+from pdacscreen.engine.metrics import case_metrics, roc_auc, sensitivity_by_band
 from pdacscreen.engine.package import load_package
 from pdacscreen.engine.training.dataset import StudyRecord, archive_records, load_study
 from pdacscreen.engine.training.modelcard import write_model_card
@@ -125,10 +127,19 @@ def phantom_cases(
         thk = slice_thickness_mm[k % len(slice_thickness_mm)] if slice_thickness_mm else None
         tag = f"s{seed}-m{matrix}-k{k}-t{thk}-n{noise_hu}-f{pdac_fraction}"
         path = cache / f"{tag}.npz"
+        if path.is_file():  # made before the truth carried the lesion's d': make it again
+            with np.load(path) as z:
+                if "lesion_dprime" not in json.loads(str(z["truth"])):
+                    path.unlink()
         if not path.is_file():
             sub_seed, is_pdac = study_plan(seed, k, pdac_fraction)
             sub = make_subject(
-                sub_seed, matrix=matrix, pdac=is_pdac, slice_thickness_mm=thk, noise_hu=noise_hu
+                sub_seed,
+                matrix=matrix,
+                pdac=is_pdac,
+                slice_thickness_mm=thk,
+                noise_hu=noise_hu,
+                observer=True,
             )
             tmp = path.with_suffix(".tmp.npz")
             np.savez(
@@ -172,6 +183,9 @@ def assess_cases(
                 "pdac": int(pdac),
                 "lesion_diameter_mm": float(truth.get("lesion_diameter_mm") or 0.0),
                 "lesion_location": str(truth.get("lesion_location") or ""),
+                "lesion_dprime": float(
+                    np.nan if truth.get("lesion_dprime") is None else truth["lesion_dprime"]
+                ),
                 "predicted_location": res.lesion_location,
                 "fatty_pancreas": bool(truth.get("fatty_pancreas", False)),
                 "noise_hu": float(truth.get("noise_hu", np.nan)),
@@ -224,6 +238,17 @@ def summarise(rows: list[dict], *, operating: float) -> dict:
     # The same case metrics (and bootstrap) as `pdacscreen evaluate` reports.
     cm = case_metrics(y, p, threshold=operating, specificities=(0.95,), n_boot=500)
     at95 = cm.at_specificity[0]
+    dprime = np.array([r.get("lesion_dprime", np.nan) for r in rows], float)
+    size = np.array([r["lesion_diameter_mm"] for r in rows], float)
+    bands = {
+        name: {
+            band: asdict(rate)
+            for band, rate in sensitivity_by_band(
+                p, y, values, threshold=operating, edges=edges, n_boot=500
+            ).items()
+        }
+        for name, values, edges in (("dprime", dprime, (2.0, 4.0)), ("size_mm", size, (20.0,)))
+    }
     qc: dict[str, int] = {}
     for r in rows:
         for f in r["qc_flags"]:
@@ -252,6 +277,8 @@ def summarise(rows: list[dict], *, operating: float) -> dict:
         "fp_rate_fatty": rate(fatty_neg),
         "fatty_negatives": int(fatty_neg.sum()),
         "fp_rate_other": rate(other_neg),
+        "sensitivity_by_dprime": bands["dprime"],
+        "sensitivity_by_size_mm": bands["size_mm"],
         "qc_counts": dict(sorted(qc.items())),
         "auroc_by_score": _auroc_by_score(rows, y),
         "seconds_per_study": float(np.mean([r["seconds"] for r in rows])) if rows else float("nan"),

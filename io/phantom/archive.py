@@ -76,7 +76,7 @@ def _one_study(args: tuple) -> dict:
 
     out = Path(out)
     sub_seed, is_pdac = study_plan(seed, index, pdac_fraction)
-    sub = make_subject(sub_seed, matrix=matrix, pdac=is_pdac)
+    sub = make_subject(sub_seed, matrix=matrix, pdac=is_pdac, observer=True)
     row = {"study_index": int(index), "seed": int(seed), "subject_seed": sub_seed}
     row.update(write_study(sub, root=out, seed=seed, index=index, matrix=matrix, compress=compress))
     row.update(sub.truth)
@@ -159,7 +159,8 @@ def _write_truth(path: Path, rows: list[dict]) -> None:
     import pyarrow.parquet as pq
 
     rows = sorted(rows, key=lambda r: r["study_index"])
-    table = pa.Table.from_pylist(rows)
+    keys = list(dict.fromkeys(k for r in rows for k in r))  # columns added later are kept
+    table = pa.Table.from_pydict({k: [r.get(k) for r in rows] for k in keys})
     tmp = path.with_suffix(".parquet.part")
     pq.write_table(table, tmp)
     os.replace(tmp, path)
@@ -189,7 +190,10 @@ def generate_archive(
     fatty_pancreas, calcifications, duct_dilated, atrophy, noncontrast_series_uid,
     contrast_series_uid, localizer/reformat/secondary_capture series uids, manufacturer, model,
     kernel, slice_thickness_mm, noise_hu, matrix, pixel_spacing_mm, transfer syntaxes, series
-    descriptions, contrast-agent tags, language, layout, study_dir, label_path, and more.
+    descriptions, contrast-agent tags, language, layout, study_dir, label_path, lesion_dprime and
+    lesion_effective_contrast_hu (the lesion's known-location NPW detectability and its contrast
+    to the surrounding gland, non-contrast phase, NaN without a lesion: see
+    :mod:`pdacscreen.io.phantom.observer`; about 12% of a subject's CPU time), and more.
     """
     import pyarrow.parquet as pq
 

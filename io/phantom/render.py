@@ -2,9 +2,11 @@
 
 ``render(anatomy, canvas)`` returns the tissue ids ``(z, y, x)`` uint8 (see
 :class:`~pdacscreen.io.phantom.tissue.T`), the pancreatic fat fraction (0..1) and the PDAC weight
-(0..1, 1 in the tumour core, fading over its infiltrative margin) on the same grid.  The canvas axes
-are body-frame mm (see :mod:`pdacscreen.io.phantom.anatomy`).  Painting order sets precedence: body
-wall, cavity fat, organs, pancreas (duct, lesion), lungs above the diaphragm, heart, vessels, spine.
+(0..1, 1 in the tumour core, fading over its infiltrative margin) on the same grid;
+``attenuation(...)`` turns them into HU (the one formula: the subject and the observer use it).
+The canvas axes are body-frame mm (see :mod:`pdacscreen.io.phantom.anatomy`).  Painting order sets
+precedence: body wall, cavity fat, organs, pancreas (duct, lesion), lungs above the diaphragm,
+heart, vessels, spine.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ from pdacscreen.io.phantom.anatomy import Anatomy
 from pdacscreen.io.phantom.shapes import Canvas, Ellipsoid, Tube
 from pdacscreen.io.phantom.tissue import T
 
-__all__ = ["render"]
+__all__ = ["attenuation", "render", "LUMBAR_Z", "RIB_HEAD_X"]
+
+LUMBAR_Z = 30.0  # body-frame z (mm) below which a vertebra is lumbar (the first one is L1)
+RIB_HEAD_X = 41.0  # lateral centre (mm) of the rib heads beside the thoracic vertebrae
 
 
 def _dome(an: Anatomy, y: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -226,7 +231,7 @@ def _paint_spine(an: Anatomy, cv: Canvas) -> None:
             ring = (ring_r > 9.0) & (ring_r <= 15.0) & (y > ys + 10)
             v[ring] = T.CORTEX
             _bone(v, spin_r <= 1.0, spin_r, 0.25)
-            lumbar = zc < 30
+            lumbar = zc < LUMBAR_Z
             tr = np.sqrt(
                 ((np.abs(x) - (26 if lumbar else 20)) / (13 if lumbar else 9)) ** 2
                 + ((y - ys - 24) / 5.0) ** 2
@@ -238,6 +243,15 @@ def _paint_spine(an: Anatomy, cv: Canvas) -> None:
                 cv.tissue_out[kk][rb <= 1.0] = T.DISC
     for kk in range(len(cv.gz)):
         cv.tissue_out[kk][canal] = T.CSF
+    # Rib heads and necks beside each thoracic vertebra (none beside the lumbar ones), a few mm
+    # lateral to the transverse process: the lowest vertebra bearing them is T12.
+    head = np.sqrt(((np.abs(x) - RIB_HEAD_X) / 8.0) ** 2 + ((y - ys - 26) / 4.5) ** 2) <= 1.0
+    for zc, _ in an.vertebrae:
+        if zc < LUMBAR_Z:
+            continue
+        k0, k1 = np.searchsorted(cv.gz, zc - 5.0), np.searchsorted(cv.gz, zc + 5.0)
+        for kk in range(k0, k1):
+            cv.tissue_out[kk][head] = T.RIB
 
 
 def _paint_ribs(an: Anatomy, cv: Canvas, dist, tm, p, y, x) -> None:
@@ -253,6 +267,29 @@ def _paint_ribs(an: Anatomy, cv: Canvas, dist, tm, p, y, x) -> None:
         v = cv.tissue_out[k]
         v[rib & (phi <= 0.82)] = T.RIB
         v[rib & (phi > 0.82)] = T.CARTILAGE
+
+
+def attenuation(
+    tissue: np.ndarray,
+    fat: np.ndarray,
+    weight: np.ndarray,
+    texture: np.ndarray,
+    *,
+    lut: np.ndarray,
+    texture_lut: np.ndarray,
+    lesion_delta: float,
+) -> np.ndarray:
+    """HU at the painted points (float32, the shape of ``tissue``), before slab averaging and blur.
+
+    Each tissue gets its phase value plus its texture; parenchyma and PDAC get the gland's value
+    mixed with fat by the fat fraction, minus ``lesion_delta`` (HU) times the PDAC weight.
+    """
+    hu = lut[tissue] + texture_lut[tissue] * texture
+    panc = (tissue == T.PANC) | (tissue == T.PDAC)
+    base = lut[T.PANC] + texture_lut[T.PANC] * texture[panc]
+    fat_hu = float(lut[T.VFAT])
+    hu[panc] = base * (1.0 - fat[panc]) + fat_hu * fat[panc] - lesion_delta * weight[panc]
+    return hu
 
 
 def render(an: Anatomy, cv: Canvas) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

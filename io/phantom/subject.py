@@ -50,7 +50,10 @@ from scipy import ndimage
 
 from pdacscreen.io.errors import InputError
 from pdacscreen.io.phantom.anatomy import Findings, draw_anatomy
-from pdacscreen.io.phantom.render import render
+from pdacscreen.io.phantom.followup import Visit
+from pdacscreen.io.phantom.levels import level_truth
+from pdacscreen.io.phantom.observer import ImageFormation, lesion_visibility
+from pdacscreen.io.phantom.render import attenuation, render
 from pdacscreen.io.phantom.shapes import Canvas
 from pdacscreen.io.phantom.tissue import T, draw_hu
 from pdacscreen.io.phantom.vendors import draw_vendor
@@ -226,6 +229,8 @@ def make_subject(
     lesion_location: str | None = None,
     slice_thickness_mm: float | None = None,
     noise_hu: float | None = None,
+    observer: bool = False,
+    visit: Visit | None = None,
 ) -> Subject:
     """Make one synthetic patient (both phases, labels, truth); deterministic for ``seed``.
 
@@ -237,7 +242,10 @@ def make_subject(
     _y_mm / _z_mm (patient LPS, NaN without a lesion), lesion_location (head | body | tail | ""),
     fatty_pancreas, calcifications, duct_dilated, atrophy, lesion_delta_nc_hu (PDAC: HU below the
     parenchyma, non-contrast), parenchyma_hu, pancreas_volume_ml, manufacturer, model, kernel,
-    slice_thickness_mm, noise_hu, matrix, pixel_spacing_mm, n_slices, z_coverage_mm, kvp.
+    slice_thickness_mm, noise_hu, matrix, pixel_spacing_mm, n_slices, z_coverage_mm, kvp; with
+    ``observer=True`` also lesion_dprime and lesion_effective_contrast_hu (non-contrast phase, NaN
+    without a lesion; :mod:`pdacscreen.io.phantom.observer`: renders the lesion's neighbourhood
+    twice, noise-free, from the same streams; the images are unchanged).
     """
     if matrix not in MATRICES:
         raise InputError(f"matrix must be one of {MATRICES}, got {matrix!r}", code="bad_matrix")
@@ -263,6 +271,9 @@ def make_subject(
     an = draw_anatomy(ar, findings)
     fatty_liver = bool(ar.random() < 0.12)
     nc_lut, pv_lut, tex_lut = draw_hu(ar, fatty_liver=fatty_liver)
+    if visit is not None:  # a follow-up study: same anatomy, changed lesion/wall/gland
+        an, findings = visit.apply(an, findings)
+        qr, nr = visit.streams(seed, qr, nr)
 
     # Acquisition: vendor, kernel, geometry, noise.
     vendor = draw_vendor(qr)
@@ -297,7 +308,6 @@ def make_subject(
     pv = np.empty_like(nc)
     labels = np.empty(nc.shape, np.uint8)
     tissue_c = np.empty(nc.shape, np.uint8)
-    fat_hu = float(nc_lut[T.VFAT])
     les = an.lesion
     per = max(1, _CHUNK_VOXELS // (matrix * matrix * ss))
     for k0 in range(0, n_sl, per):
@@ -310,10 +320,7 @@ def make_subject(
             (nc_lut, nc, les.delta_nc if les else 0.0),
             (pv_lut, pv, les.delta_pv if les else 0.0),
         ):
-            hu = lut[tissue] + tex_lut[tissue] * tex
-            panc = (tissue == T.PANC) | (tissue == T.PDAC)
-            base = lut[T.PANC] + tex_lut[T.PANC] * tex[panc]
-            hu[panc] = base * (1.0 - fatf[panc]) + fat_hu * fatf[panc] - delta * w[panc]
+            hu = attenuation(tissue, fatf, w, tex, lut=lut, texture_lut=tex_lut, lesion_delta=delta)
             out[k0:k1] = hu.reshape(k1 - k0, ss, matrix, matrix).mean(axis=1)
         tissue_c[k0:k1] = tissue.reshape(k1 - k0, ss, matrix, matrix)[:, ss // 2]
         lab = np.zeros(tissue.shape, np.uint8)
@@ -353,6 +360,21 @@ def make_subject(
     r_body = np.sqrt((xx / (A + 30)) ** 2 + (yy / (B + 30)) ** 2)
     amp = noise * np.where(r_body < 1.0, 1.1 - 0.25 * r_body**2, 0.75)
     grain = float(np.clip((0.9 if sharp else 1.4) / dx, 0.5, 2.0))
+    visibility = {}
+    if observer:
+        formation = ImageFormation(
+            gz=gz,
+            gy=gy,
+            gx=gx,
+            sub_offsets=sub,
+            lut=nc_lut,
+            texture_lut=tex_lut,
+            lesion_delta=les.delta_nc if les else 0.0,
+            psf_sigma_px=sigma_psf,
+            grain_px=grain,
+            noise_amp_hu=amp,
+        )
+        visibility = lesion_visibility(an, formation)
     out = []
     for vol, scale in ((nc, 1.0), (pv, float(nr.uniform(0.9, 1.1)))):
         vol = ndimage.gaussian_filter(vol, (0, sigma_psf, sigma_psf), mode="nearest")
@@ -404,5 +426,11 @@ def make_subject(
         "n_slices": int(n_sl),
         "z_coverage_mm": round(n_sl * thk, 1),
         "kvp": kvp,
+        **visibility,
     }
+    truth.update(
+        level_truth(an.vertebrae, tissue_c, gz, z_offset=float(offset[2]), pixel_area_mm2=dx * dx)
+    )
+    if visit is not None:
+        truth.update(visit_index=int(visit.index), visit_months=float(visit.months))
     return Subject(nc, pv, labels, affine, (thk, dx, dx), fov, tissue_c, truth, int(seed))
