@@ -16,7 +16,7 @@ export RAY_TMPDIR ?= $(WORK)/ray
 export PDACSCREEN_WORK ?= $(WORK)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup test demo bench lint clean gpu-check fuzz soak
+.PHONY: setup test demo bench lint clean gpu-check fuzz soak pacs
 
 setup: $(STAMP)
 
@@ -49,6 +49,10 @@ fuzz: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# A local PACS for trials: Orthanc + DICOMweb with infra/orthanc, the demo archive uploaded by STOW-RS.
+pacs: setup
+	bash infra/pacs
 
 gpu-check:
 	bash infra/gpu-check

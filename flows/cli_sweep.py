@@ -73,7 +73,13 @@ def _record_failed_sweep(store: Path, message: str) -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("archive", type=Path, help="folder tree of DICOM files (any depth)")
+    parser.add_argument(
+        "archive",
+        type=str,
+        help="folder tree of DICOM files (any depth), or a DICOMweb service "
+        "dicomweb+http(s)://HOST:PORT/dicom-web (credentials from PDACSCREEN_DICOMWEB_USER + "
+        "_PASSWORD(_FILE) or PDACSCREEN_DICOMWEB_TOKEN(_FILE), never on the command line)",
+    )
     parser.add_argument("--store", type=Path, required=True, help="findings store folder")
     parser.add_argument(
         "--model", type=Path, default=None, help="model package (default: reference)"
@@ -97,6 +103,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="engine precision",
     )
     add_key_argument(parser)
+    parser.add_argument(
+        "--study-date", default=None, help="DICOMweb: QIDO StudyDate range, e.g. 20240101-"
+    )
+    parser.add_argument(
+        "--ca-bundle", default=None, help="DICOMweb over https: a CA bundle file to trust"
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="DICOMweb over https: do not verify the certificate (trials only)",
+    )
     parser.add_argument(
         "--hash-paths",
         action="store_true",
@@ -159,6 +176,9 @@ def run(args: argparse.Namespace) -> int:
                 flush_every=args.flush_every,
                 demo_key=args.demo_key,
                 hash_paths=args.hash_paths,
+                study_date=args.study_date,
+                tls_verify=not args.insecure,
+                ca_bundle=args.ca_bundle,
             )
         except PdacscreenError as e:
             console.print(f"[red]sweep failed: {e}[/red]")

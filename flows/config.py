@@ -65,7 +65,7 @@ class SweepConfig:
             config hash: it changes no finding).
         source: the DICOMweb source when ``archive`` is ``dicomweb+http(s)://`` (its credentials
             are ``SecretStr``; not in the config hash: where the images come from changes no
-            finding); ``write_back``: send the SEG and SR of each flagged study back by STOW-RS.
+            finding).
         hash: the config hash (see :func:`config_hash`).
     """
 
@@ -85,7 +85,6 @@ class SweepConfig:
     load_timeout_s: float = 900.0
     hash_paths: bool = False
     source: DicomwebSource | None = None
-    write_back: bool = False
     hash: str = ""
 
     def __post_init__(self) -> None:
@@ -134,7 +133,6 @@ class SweepConfig:
             "load_timeout_s": self.load_timeout_s,
             "hash_paths": self.hash_paths,
             "source": self.source.describe() if self.source else None,
-            "write_back": self.write_back,
         }
 
 

@@ -197,7 +197,6 @@ def build_config(
     package: ModelPackage | None = None,
     hash_paths: bool = False,
     source: DicomwebSource | None = None,
-    write_back: bool = False,
 ) -> SweepConfig:
     """The sweep's one configuration, resolved in the driver.
 
@@ -228,7 +227,6 @@ def build_config(
         flush_every=flush_every,
         hash_paths=hash_paths,
         source=source,
-        write_back=write_back,
     )
 
 
@@ -631,7 +629,6 @@ def nightly_sweep(
     demo_key: bool = False,
     hash_paths: bool = False,
     study_date: str | None = None,
-    write_back: bool = False,
     tls_verify: bool = True,
     ca_bundle: str | None = None,
 ) -> dict[str, Any]:
@@ -645,7 +642,7 @@ def nightly_sweep(
     A ``dicomweb+http(s)://`` archive is a DICOMweb source: its credentials come from the
     environment (:func:`pdacscreen.io.dicomweb.source_from_env`), never from a parameter;
     ``study_date`` narrows its QIDO search (``20240101-``), ``tls_verify`` / ``ca_bundle`` set
-    TLS checks; ``write_back`` sends each flagged study's SEG and SR back by STOW-RS.
+    TLS checks.
     """
     logger = get_run_logger()
     t0 = time.perf_counter()
@@ -674,7 +671,6 @@ def nightly_sweep(
             package=package,
             hash_paths=hash_paths,
             source=source,
-            write_back=write_back,
         )
         fs = sweep_store(config)
         upd = index_archive(config) if source is None else index_dicomweb(config, sweep_id)

@@ -254,3 +254,16 @@ class PixelFormatError(DicomReadError):
 
 
 __all__ += ["TooFewSlicesError", "VolumeTooLargeError", "PixelFormatError"]
+
+
+# --- appended by the PACS helper (issue 14: DICOMweb source) ------------------------------------
+
+
+class SourceError(PdacscreenError):
+    """A DICOMweb source failed (``source_unavailable``, ``source_unauthorized``,
+    ``series_vanished``, ``truncated_response``); the message names the URL without credentials."""
+
+    code = ErrorCode.SOURCE_UNAVAILABLE
+
+
+__all__ += ["SourceError"]

@@ -325,3 +325,58 @@ def update_index(
 def _next_run_id(index_dir: Path) -> int:
     parts = _parts(index_dir)
     return int(parts[-1].stem.split("-")[1]) + 1 if parts else 1
+
+
+# --- DICOMweb sources (issue 14) -----------------------------------------------------------------
+
+
+def source_instance_counts(index_dir: Path) -> dict[str, int]:
+    """``{study UID: present instance rows}`` of an index (empty where there is no index yet)."""
+    if not (Path(index_dir) / "index.json").is_file():
+        return {}
+    df = _read_parts(Path(index_dir), columns=["path", "study_instance_uid", "present", "run_id"])
+    df = df[df["present"] & df["study_instance_uid"].notna()]
+    return {str(k): int(v) for k, v in df.groupby("study_instance_uid").size().items()}
+
+
+def update_index_rows(
+    rows: list[dict], index_dir: Path, *, archive: str, key: bytes, studies: set[str]
+) -> IndexUpdate:
+    """Record rows made elsewhere (a DICOMweb source: ``path`` is the instance URL, Study, Series
+    and SOP UIDs in their columns, never a PatientID) as one index part.
+
+    ``studies``: the studies these rows describe completely; an instance of one of them that is
+    no longer among ``rows`` gets a tombstone.  ``archive``: the source string without
+    credentials (kept in ``index.json``).
+    """
+    t0 = time.perf_counter()
+    index_dir = Path(index_dir).resolve()
+    key = check_key(key)
+    (index_dir / "parts").mkdir(parents=True, exist_ok=True)
+    with open(index_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _check_meta(index_dir, archive=archive, key=key)  # type: ignore[arg-type]
+        known = _read_parts(index_dir, columns=["path", "study_instance_uid", "present", "run_id"])
+        known = known[known["present"]]
+        old = set(known.loc[known["study_instance_uid"].isin(studies), "path"])
+        paths = {r["path"] for r in rows}
+        removed = sorted(old - paths)
+        run_id = _next_run_id(index_dir)
+        now = datetime.now(UTC)
+        out = [{**r, "present": True, "run_id": run_id, "indexed_at": now} for r in rows]
+        out += [{"path": p, "present": False, "run_id": run_id, "indexed_at": now} for p in removed]
+        if out:
+            _write_part(index_dir, pa.Table.from_pylist(out, schema=INDEX_SCHEMA), run_id)
+            _compact(index_dir, run_id)
+    new = len(paths - set(known["path"]))
+    return IndexUpdate(
+        run_id=run_id,
+        new=new,
+        changed=len(paths) - new,
+        removed=len(removed),
+        unchanged=0,
+        bad=sum(1 for r in rows if r.get("status") != "ok"),
+        read=len(rows),
+        total_present=len(known) - len(removed) + new,
+        duration_s=time.perf_counter() - t0,
+    )
