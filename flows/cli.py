@@ -33,6 +33,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "query": ("pdacscreen.flows.query", "run SQL over a findings store (DuckDB)"),
     "evaluate": ("pdacscreen.flows.evaluate", "evaluate findings against reference labels"),
     "worklist": ("pdacscreen.flows.worklist", "write a radiologist's worklist of flagged studies"),
+    "timeline": (
+        "pdacscreen.flows.cli_timeline",
+        "a patient's studies over time, or the patients whose scans changed",
+    ),
 }
 
 

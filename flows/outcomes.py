@@ -38,6 +38,16 @@ __all__ = [
 
 #: engine result fields copied into a findings row (the engine's own columns, less the QC flags,
 #: which the row merges with the loader's, and the gland's mean HU, which the store does not keep)
+#: measurements made on the series beside the detector (kernels.bodycomp, L3 body composition);
+#: filled whenever the series was loaded, whether or not the engine could assess it
+MEASURE_FIELDS = (
+    "l3_slice_z_mm",
+    "skeletal_muscle_area_cm2",
+    "visceral_fat_area_cm2",
+    "subcutaneous_fat_area_cm2",
+    "muscle_mean_hu",
+    "bodycomp_qc",
+)
 ENGINE_FIELDS = tuple(c for c in FINDINGS_COLUMNS if c not in ("qc_flags", "pancreas_mean_hu"))
 
 
@@ -97,6 +107,7 @@ class StudyOutcome:
     timings: dict[str, float] = field(default_factory=dict)
     failure: Failure | None = None
     node: str | None = None  # the Ray node that ran the engine (host name; no patient data)
+    measures: dict[str, Any] = field(default_factory=dict)  # MEASURE_FIELDS (body composition)
 
     @classmethod
     def failed(cls, code: str, message: str, *, stage: str) -> StudyOutcome:
@@ -126,6 +137,7 @@ class StudyOutcome:
         duration_s: float,
         timings: dict[str, float],
         node: str | None = None,
+        measures: dict[str, Any] | None = None,
     ) -> StudyOutcome:
         """An engine result: ``ok`` with a probability, else ``not_assessable`` with the reason."""
         p = findings.get("pdac_probability")
@@ -148,6 +160,7 @@ class StudyOutcome:
             duration_s=duration_s,
             timings=dict(timings),
             node=node,
+            measures=dict(measures or {}),
         )
 
 
@@ -193,6 +206,7 @@ def finding_row(
         "config_hash": config_hash,
         "engine_backend": outcome.engine_backend,
         **{k: None for k in ENGINE_FIELDS},
+        **{k: outcome.measures.get(k) for k in MEASURE_FIELDS},
         "phase_estimate": outcome.phase_estimate,
         "qc_flags": list(outcome.qc_flags),
         "status": str(outcome.status),

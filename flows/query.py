@@ -15,6 +15,15 @@ Views registered on every connection (see :func:`connect`):
 * ``index``: the archive index written by ``pdacscreen index`` under ``STORE/index``
   (``**/*.parquet``, columns unified by name); empty (``study_instance_uid``, ``series_instance_uid``,
   ``path``) when the store has no index.
+* ``patient_timeline``: every assessed study (``current_findings``, status ok or not_assessable)
+  of each patient with a key and a study date, in date order (``study_number`` 1..``n_studies``):
+  probability, lesion count and size, pancreas volume, duct calibre (when a ``duct_diameter_mm``
+  column exists), body composition, and the change since the patient's previous study per year:
+  ``pancreas_volume_change_pct_per_year``, ``muscle_change_pct_per_year``,
+  ``lesion_growth_mm_per_year``, ``new_candidate`` (lesion candidates now, none before).
+* ``longitudinal_flags``: one row per patient whose latest study shows a new candidate or a change
+  beyond :data:`LONGITUDINAL_THRESHOLDS` against the study before, with the ``reasons`` and a
+  ``change_score`` (change / threshold, the largest) to rank a worklist by change.
 
 Files whose names start with ``.`` or ``_`` (a writer's temporary files) are never read. The analyst
 queries of the README are :data:`EXAMPLE_QUERIES` (a test runs each on a generated store).
@@ -41,18 +50,44 @@ from pdacscreen.io.store import (
 
 __all__ = [
     "EXAMPLE_QUERIES",
+    "LONGITUDINAL_THRESHOLDS",
     "VIEWS",
     "add_arguments",
     "connect",
     "findings_dataframe",
     "query",
     "run",
+    "timeline_views",
     "to_arrow",
 ]
 
 log = logging.getLogger(__name__)
 
-VIEWS = ("findings", "latest_findings", "current_findings", "failures", "index")
+VIEWS = (
+    "findings",
+    "latest_findings",
+    "current_findings",
+    "failures",
+    "index",
+    "patient_timeline",
+    "longitudinal_flags",
+)
+#: longitudinal_flags thresholds, per year between a patient's last two studies.  Pancreas volume
+#: loss: the gland shrinks upstream of a tumour (DOMAIN.md; atrophy is a secondary sign); muscle
+#: loss: cancer cachexia (Prado 2008); lesion growth: a candidate growing is a stronger signal.
+LONGITUDINAL_THRESHOLDS: dict[str, float] = {
+    "pancreas_volume_loss_pct_per_year": 10.0,
+    "muscle_loss_pct_per_year": 5.0,
+    "lesion_growth_mm_per_year": 2.0,
+}
+_TIMELINE_OPTIONAL = {  # columns the timeline shows when the store has them (older stores lack them)
+    "duct_diameter_mm": "DOUBLE",
+    "skeletal_muscle_area_cm2": "DOUBLE",
+    "visceral_fat_area_cm2": "DOUBLE",
+    "subcutaneous_fat_area_cm2": "DOUBLE",
+    "muscle_mean_hu": "DOUBLE",
+    "bodycomp_qc": "VARCHAR",
+}
 FORMATS = ("table", "csv", "parquet")
 _EMPTY_INDEX = pa.schema(
     [
@@ -108,6 +143,11 @@ EXAMPLE_QUERIES: dict[str, str] = {
         WHERE status = 'ok' AND patient_key IS NOT NULL AND study_date IS NOT NULL
         GROUP BY patient_key HAVING count(*) >= 2
         ORDER BY change_pct""",
+    "patients_changing": """
+        SELECT patient_key, latest_study_date, n_studies, reasons, change_score,
+               round(pancreas_volume_change_pct_per_year, 1) AS pancreas_pct_per_year,
+               round(muscle_change_pct_per_year, 1) AS muscle_pct_per_year
+        FROM longitudinal_flags ORDER BY change_score DESC LIMIT 50""",
     "indexed_studies_without_findings": """
         SELECT count(DISTINCT i.study_instance_uid) AS studies
         FROM index AS i ANTI JOIN findings AS f USING (study_instance_uid)""",
@@ -162,7 +202,97 @@ def connect(store: Path | str) -> duckdb.DuckDBPyConnection:
         "(SELECT model_version, config_hash FROM findings ORDER BY processed_at DESC, sweep_id DESC "
         "LIMIT 1) AS cur USING (model_version, config_hash)"
     )
+    timeline_views(con)
     return con
+
+
+def timeline_views(
+    con: duckdb.DuckDBPyConnection, thresholds: dict[str, float] | None = None
+) -> None:
+    """(Re)create the ``patient_timeline`` and ``longitudinal_flags`` views on ``con`` (which has
+    ``current_findings``), with ``thresholds`` (keys of :data:`LONGITUDINAL_THRESHOLDS`)."""
+    th = dict(LONGITUDINAL_THRESHOLDS)
+    for k, v in (thresholds or {}).items():
+        if k not in th or not (isinstance(v, (int, float)) and v > 0):
+            raise InputError(
+                f"threshold {k!r} must be one of {sorted(th)} with a positive value, got {v!r}"
+            )
+        th[k] = float(v)
+    have = {r[0] for r in con.execute("DESCRIBE current_findings").fetchall()}
+    opt = ", ".join(
+        (c if c in have else f"NULL::{t}") + f" AS {c}" for c, t in _TIMELINE_OPTIONAL.items()
+    )
+    days = "date_diff('day', prev_date, study_date)"
+    con.execute(
+        f"""CREATE OR REPLACE VIEW patient_timeline AS
+        WITH s AS (
+            SELECT patient_key, study_instance_uid, accession_key, study_date, status,
+                   pdac_probability, pdac_flag, lesion_count, lesion_diameter_mm,
+                   pancreas_volume_ml, {opt}
+            FROM current_findings
+            WHERE status IN ('ok', 'not_assessable') AND patient_key IS NOT NULL
+                  AND study_date IS NOT NULL
+        ), w AS (
+            SELECT *, row_number() OVER p AS study_number,
+                   count(*) OVER (PARTITION BY patient_key) AS n_studies,
+                   lag(study_date) OVER p AS prev_date,
+                   lag(pancreas_volume_ml) OVER p AS prev_volume,
+                   lag(skeletal_muscle_area_cm2) OVER p AS prev_muscle,
+                   lag(lesion_count) OVER p AS prev_count,
+                   lag(lesion_diameter_mm) OVER p AS prev_diameter
+            FROM s WINDOW p AS (PARTITION BY patient_key ORDER BY study_date, study_instance_uid)
+        )
+        SELECT patient_key, study_number, n_studies, study_date, study_instance_uid,
+               accession_key, status, pdac_probability, pdac_flag, lesion_count,
+               lesion_diameter_mm, pancreas_volume_ml, duct_diameter_mm,
+               skeletal_muscle_area_cm2, visceral_fat_area_cm2, subcutaneous_fat_area_cm2,
+               muscle_mean_hu, bodycomp_qc, {days} AS days_since_previous,
+               CASE WHEN {days} > 0 AND prev_volume > 0 THEN
+                   100 * (pancreas_volume_ml / prev_volume - 1) * 365.25 / {days}
+               END AS pancreas_volume_change_pct_per_year,
+               CASE WHEN {days} > 0 AND prev_muscle > 0 THEN
+                   100 * (skeletal_muscle_area_cm2 / prev_muscle - 1) * 365.25 / {days}
+               END AS muscle_change_pct_per_year,
+               CASE WHEN {days} > 0 AND coalesce(lesion_count, 0) > 0 THEN
+                   (coalesce(lesion_diameter_mm, 0)
+                    - CASE WHEN coalesce(prev_count, 0) > 0 THEN coalesce(prev_diameter, 0)
+                      ELSE 0 END) * 365.25 / {days}
+               END AS lesion_growth_mm_per_year,
+               study_number > 1 AND coalesce(lesion_count, 0) > 0
+                   AND coalesce(prev_count, 0) = 0 AS new_candidate
+        FROM w"""
+    )
+    pv, mu, lg = (
+        th["pancreas_volume_loss_pct_per_year"],
+        th["muscle_loss_pct_per_year"],
+        th["lesion_growth_mm_per_year"],
+    )
+    con.execute(
+        f"""CREATE OR REPLACE VIEW longitudinal_flags AS
+        WITH last AS (
+            SELECT *, list_concat(list_concat(list_concat(
+                CASE WHEN new_candidate THEN ['new_candidate'] ELSE []::VARCHAR[] END,
+                CASE WHEN pancreas_volume_change_pct_per_year < -{pv}
+                     THEN ['pancreas_volume_loss'] ELSE []::VARCHAR[] END),
+                CASE WHEN muscle_change_pct_per_year < -{mu}
+                     THEN ['muscle_loss'] ELSE []::VARCHAR[] END),
+                CASE WHEN NOT new_candidate AND lesion_growth_mm_per_year > {lg}
+                     THEN ['lesion_growth'] ELSE []::VARCHAR[] END) AS reasons,
+                greatest(CASE WHEN new_candidate THEN 1.0 ELSE 0.0 END,
+                         coalesce(-pancreas_volume_change_pct_per_year / {pv}, 0),
+                         coalesce(-muscle_change_pct_per_year / {mu}, 0),
+                         coalesce(lesion_growth_mm_per_year / {lg}, 0)) AS change_score
+            FROM patient_timeline WHERE study_number = n_studies AND n_studies >= 2
+        )
+        SELECT patient_key, study_date AS latest_study_date,
+               study_instance_uid AS latest_study_instance_uid, accession_key, n_studies,
+               days_since_previous, pdac_probability, pdac_flag, lesion_count, lesion_diameter_mm,
+               pancreas_volume_change_pct_per_year, muscle_change_pct_per_year,
+               lesion_growth_mm_per_year, new_candidate, reasons,
+               round(change_score, 3) AS change_score
+        FROM last WHERE len(reasons) > 0
+        ORDER BY change_score DESC, pdac_probability DESC NULLS LAST, patient_key"""
+    )
 
 
 def to_arrow(result) -> pa.Table:

@@ -23,6 +23,7 @@ from pdacscreen.flows.config import SweepConfig
 from pdacscreen.flows.outcomes import LoadedStudy, SkippedStudy, StudyOutcome, StudyTask
 from pdacscreen.io.errors import ErrorCode, PdacscreenError
 from pdacscreen.io.volume import load_series
+from pdacscreen.kernels.bodycomp import body_composition
 from pdacscreen.kernels.measure import measure_phase
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,15 @@ def _node_name() -> str:
     return host
 
 
+def _body_composition(volume) -> dict:
+    """The L3 body-composition columns of a loaded series (a QC reason, never an exception)."""
+    try:
+        return body_composition(volume, backend="numpy").row()
+    except (PdacscreenError, ValueError) as e:
+        log.debug("body composition not measured: %s", e)
+        return {"bodycomp_qc": "not_measured"}
+
+
 class EngineActor:
     """One detection engine per actor; ``process`` maps one loaded study to a StudyOutcome."""
 
@@ -132,4 +142,5 @@ class EngineActor:
             duration_s=loaded.load_s + (time.perf_counter() - t0),
             timings=timings,
             node=self.node,
+            measures=_body_composition(volume),
         )

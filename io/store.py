@@ -164,6 +164,21 @@ FINDINGS_COLUMNS: dict[str, tuple[pa.DataType, bool, str]] = {
     "sweep_id": (_STR, False, "the sweep run that wrote the row"),
     "processed_at": (pa.timestamp("us", tz="UTC"), False, "when the study was processed (UTC)"),
     "duration_s": (_F64, True, "wall time spent on the study, seconds"),
+    # Body composition at L3 (kernels/bodycomp.py; null when not measured, see bodycomp_qc).
+    "l3_slice_z_mm": (_F64, True, "LPS z of the slice measured at the L3 vertebral body, mm"),
+    "skeletal_muscle_area_cm2": (
+        _F64,
+        True,
+        "skeletal muscle area at L3 (-29..150 HU: wall, psoas, paraspinal), cm2",
+    ),
+    "visceral_fat_area_cm2": (_F64, True, "visceral fat area at L3 (-190..-30 HU), cm2"),
+    "subcutaneous_fat_area_cm2": (_F64, True, "subcutaneous fat area at L3 (-190..-30 HU), cm2"),
+    "muscle_mean_hu": (_F64, True, "mean HU of the L3 muscle mask (myosteatosis: lower: fattier)"),
+    "bodycomp_qc": (
+        _STR,
+        True,
+        "why body composition is missing or doubtful (level_not_found, body_cut_by_fov, ...)",
+    ),
 }
 FAILURES_COLUMNS: dict[str, tuple[pa.DataType, bool, str]] = {
     "sweep_id": (_STR, False, "the sweep run that met the failure"),

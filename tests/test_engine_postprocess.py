@@ -95,7 +95,9 @@ def test_pancreas_scores_ignore_what_lies_outside_the_gland():
         )
         s = pancreas_scores(prob, organ, lesions, labels, aff, rim_mm=3.0)
         assert s["pancreas_peak"] == pytest.approx(p) and s["candidate_peak"] == pytest.approx(p)
-        assert 0.6 - 1e-6 <= s["pancreas_topk"] <= p + 1e-6 and s["candidate_ml"] == pytest.approx(27 * 2 / 1000)
+        assert 0.6 - 1e-6 <= s["pancreas_topk"] <= p + 1e-6 and s["candidate_ml"] == pytest.approx(
+            27 * 2 / 1000
+        )
         if previous is not None:
             assert all(s[k] >= previous[k] for k in s)
         previous = s

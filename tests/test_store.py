@@ -72,6 +72,13 @@ def test_schema_has_the_documented_columns_and_types():
         "manufacturer",
         "slice_thickness_mm",
         "engine_backend",  # issue 11: what ran the model (runtime-device-precision)
+        # issue 16: body composition at L3
+        "l3_slice_z_mm",
+        "skeletal_muscle_area_cm2",
+        "visceral_fat_area_cm2",
+        "subcutaneous_fat_area_cm2",
+        "muscle_mean_hu",
+        "bodycomp_qc",
     }
     types = {f.name: f.type for f in FINDINGS_SCHEMA}
     assert types["lesion_count"] == pa.int32()

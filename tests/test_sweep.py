@@ -107,6 +107,11 @@ def test_end_to_end_one_row_per_study(archive, tmp_path, prefect_server, local_r
     assert (merged["series_instance_uid"] == merged["noncontrast_series_uid"]).all()
     # Patient keys are pseudonymous: no PatientID of the archive appears in the store.
     assert not set(truth["patient_id"]) & set(df["patient_key"])
+    # Body composition was attempted on every loaded series: an area or the reason there is none
+    # (these matrix-128 phantoms have 3 mm pixels: resolution_too_coarse).
+    measured = df["skeletal_muscle_area_cm2"].notna()
+    assert (measured | df["bodycomp_qc"].notna()).all(), df[["bodycomp_qc"]]
+    assert (df.loc[~measured, "bodycomp_qc"] != "not_measured").all()
     flagged = df[df["pdac_flag"]]
     for rel in flagged["evidence_path"]:
         folder = store / rel

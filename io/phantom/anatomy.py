@@ -164,6 +164,7 @@ def draw_anatomy(rng: np.random.Generator, findings: Findings) -> Anatomy:
         wall=(T.GWALL, u(3, 5)),
         gas_frac=u(0.0, 0.5),
         content=T.GFLUID if rng.random() < 0.6 else T.STOOL,
+        in_cavity=True,
     )
     # Colon (ascending, hepatic flexure, transverse, splenic flexure, descending).
     co = [
@@ -181,6 +182,7 @@ def draw_anatomy(rng: np.random.Generator, findings: Findings) -> Anatomy:
         [u(17, 26) for _ in co],
         wall=(T.GWALL, 2.5),
         stool=u(0.2, 0.8),
+        in_cavity=True,
     )
     # Small bowel loops in the lower abdomen (fluid or collapsed, sometimes gas).
     for _ in range(int(rng.integers(10, 22))):
@@ -194,6 +196,7 @@ def draw_anatomy(rng: np.random.Generator, findings: Findings) -> Anatomy:
             wall=(T.GWALL, 2.5),
             gas_frac=u(0, 0.4) if rng.random() < 0.3 else 0.0,
             content=T.GFLUID if rng.random() < 0.7 else T.GWALL,
+            in_cavity=True,
         )
     # Psoas and paraspinal muscles, quadratus lumborum.
     for s in (-1, 1):
@@ -209,8 +212,9 @@ def draw_anatomy(rng: np.random.Generator, findings: Findings) -> Anatomy:
         c = _jit(rng, (s * 72 * sx, ys + 6, zc), 4)
         rot = rotation(z_deg=-s * u(25, 40), y_deg=s * u(5, 15))
         semi = (u(24, 30), u(18, 24), u(48, 60))
-        ell(T.VFAT, c, tuple(a + u(5, 12) for a in semi), rot)  # perirenal fat
-        ell(T.KIDNEY, c, semi, rot)
+        # bowel and kidneys stay inside the abdominal wall (in_cavity): the wall muscle is whole
+        ell(T.VFAT, c, tuple(a + u(5, 12) for a in semi), rot, in_cavity=True)  # perirenal fat
+        ell(T.KIDNEY, c, semi, rot, in_cavity=True)
         sinus = c + rot @ np.array([-s * semi[0] * 0.45, 0, 0]) + np.array([0, -6, 0])
         ell(T.VFAT, sinus, (semi[0] * 0.4, semi[1] * 0.45, semi[2] * 0.4), rot)
         if rng.random() < 0.12:
