@@ -21,6 +21,7 @@ from pdacscreen.engine.inference import FINDINGS_COLUMNS
 from pdacscreen.io.errors import ErrorCode, Status
 from pdacscreen.io.select import StudySelection
 from pdacscreen.io.types import CTVolume
+from pdacscreen.kernels.bodycomp import BODYCOMP_COLUMNS
 from pdacscreen.kernels.measure import Phase, PhaseMeasure
 
 __all__ = [
@@ -40,14 +41,7 @@ __all__ = [
 #: which the row merges with the loader's, and the gland's mean HU, which the store does not keep)
 #: measurements made on the series beside the detector (kernels.bodycomp, L3 body composition);
 #: filled whenever the series was loaded, whether or not the engine could assess it
-MEASURE_FIELDS = (
-    "l3_slice_z_mm",
-    "skeletal_muscle_area_cm2",
-    "visceral_fat_area_cm2",
-    "subcutaneous_fat_area_cm2",
-    "muscle_mean_hu",
-    "bodycomp_qc",
-)
+MEASURE_FIELDS = BODYCOMP_COLUMNS
 ENGINE_FIELDS = tuple(c for c in FINDINGS_COLUMNS if c not in ("qc_flags", "pancreas_mean_hu"))
 
 

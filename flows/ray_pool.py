@@ -118,6 +118,13 @@ def run_pool(
     running: dict[ray.ObjectRef, tuple[WorkItem, int, int, ray.ObjectRef, float]] = {}
     exhausted = False
 
+    def again_or_lost(item: WorkItem, attempt: int, e: BaseException) -> WorkOutcome | None:
+        """Queue another attempt, or (attempts spent) the ``worker_died`` outcome to yield."""
+        if attempt < max_attempts:
+            retry.append((item, attempt + 1))
+            return None
+        return WorkOutcome(item.key, error_code="worker_died", message=_short(e), attempts=attempt)
+
     def next_item() -> tuple[WorkItem, int] | None:
         nonlocal exhausted
         if retry:
@@ -175,10 +182,9 @@ def run_pool(
                     status = {"error_code": "load_failed", "message": _short(e)}
                 except RayError as e:  # its node was lost with the result: load it again
                     log.warning("loader result lost (attempt %d): %s", attempt, _short(e))
-                    if attempt < max_attempts:
-                        retry.append((item, attempt + 1))
-                        continue
-                    status = {"error_code": "worker_died", "message": _short(e)}
+                    if (lost := again_or_lost(item, attempt, e)) is not None:
+                        yield lost
+                    continue
                 if status is not None:
                     yield WorkOutcome(
                         item.key,
@@ -203,12 +209,8 @@ def run_pool(
                 else:  # its node is gone and the rest of the cluster is full: shrink the pool
                     actors[slot] = None
                     log.warning("engine pool shrinks to %d actors (cluster capacity)", live)
-                if attempt < max_attempts:
-                    retry.append((item, attempt + 1))
-                else:
-                    yield WorkOutcome(
-                        item.key, error_code="worker_died", message=_short(e), attempts=attempt
-                    )
+                if (lost := again_or_lost(item, attempt, e)) is not None:
+                    yield lost
                 continue
             except RayTaskError as e:
                 idle.append(slot)
@@ -221,12 +223,8 @@ def run_pool(
             except RayError as e:  # e.g. its input was on a node that is gone: run it again
                 log.warning("study lost with a node (attempt %d): %s", attempt, _short(e))
                 idle.append(slot)
-                if attempt < max_attempts:
-                    retry.append((item, attempt + 1))
-                else:
-                    yield WorkOutcome(
-                        item.key, error_code="worker_died", message=_short(e), attempts=attempt
-                    )
+                if (lost := again_or_lost(item, attempt, e)) is not None:
+                    yield lost
                 continue
             idle.append(slot)
             yield WorkOutcome(item.key, value=value, attempts=attempt)

@@ -42,6 +42,7 @@ from pdacscreen.kernels.errors import KernelInputError
 from pdacscreen.kernels.vertebrae import VertebralLevels, vertebral_levels
 
 __all__ = [
+    "BODYCOMP_COLUMNS",
     "FAT_HU",
     "MUSCLE_HU",
     "BodyComposition",
@@ -63,6 +64,17 @@ WALL_WINDOW = 61  # rays (degrees) over which the wall thickness median is taken
 WALL_CAP = 1.5  # an anterior/lateral wall run thicker than this times the median is capped
 FOV_EDGE_MM = 20.0  # more body edge than this on the field-of-view edge: body_cut_by_fov
 MAX_PIXEL_MM = 2.0  # coarser slices give areas too rough to report: resolution_too_coarse
+
+
+#: the findings columns of :meth:`BodyComposition.row`, in order
+BODYCOMP_COLUMNS = (
+    "l3_slice_z_mm",
+    "skeletal_muscle_area_cm2",
+    "visceral_fat_area_cm2",
+    "subcutaneous_fat_area_cm2",
+    "muscle_mean_hu",
+    "bodycomp_qc",
+)
 
 
 @dataclass(frozen=True)
@@ -90,14 +102,15 @@ class BodyComposition:
         def num(v: float) -> float | None:
             return round(float(v), 2) if np.isfinite(v) else None
 
-        return {
-            "l3_slice_z_mm": num(self.z_mm),
-            "skeletal_muscle_area_cm2": num(self.skeletal_muscle_area_cm2),
-            "visceral_fat_area_cm2": num(self.visceral_fat_area_cm2),
-            "subcutaneous_fat_area_cm2": num(self.subcutaneous_fat_area_cm2),
-            "muscle_mean_hu": num(self.muscle_mean_hu),
-            "bodycomp_qc": self.qc or None,
-        }
+        values = (
+            num(self.z_mm),
+            num(self.skeletal_muscle_area_cm2),
+            num(self.visceral_fat_area_cm2),
+            num(self.subcutaneous_fat_area_cm2),
+            num(self.muscle_mean_hu),
+            self.qc or None,
+        )
+        return dict(zip(BODYCOMP_COLUMNS, values, strict=True))
 
 
 def _empty(shape, qc: str, k: int = -1, z: float = float("nan")) -> BodyComposition:

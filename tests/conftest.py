@@ -28,3 +28,24 @@ def real_ct() -> Path:
             f"real CT fixtures not found at {REAL_CT} (../shared is absent in a plain clone)"
         )
     return REAL_CT
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One Prefect test server for every in-process flow run of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray runtime (2 CPUs) for every in-process sweep and pool test of the session."""
+    import ray
+
+    from pdacscreen.flows.ray_pool import init_ray
+
+    init_ray(None, num_cpus=2, temp_dir=os.environ.get("RAY_TMPDIR"))
+    yield
+    ray.shutdown()

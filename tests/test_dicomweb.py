@@ -322,27 +322,6 @@ def test_series_deleted_between_query_and_retrieve(pacs, archive, tmp_path):
 # -- the sweep over DICOMweb ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import os
-
-    import ray
-
-    from pdacscreen.flows.ray_pool import init_ray
-
-    init_ray(None, num_cpus=2, temp_dir=os.environ.get("RAY_TMPDIR"))
-    yield
-    ray.shutdown()
-
-
 FINDING_COLUMNS = [
     "study_instance_uid",
     "series_instance_uid",

@@ -140,25 +140,6 @@ def archive(fault_archive, tmp_path) -> Path:
     return dst
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    from pdacscreen.flows.ray_pool import init_ray
-
-    init_ray(None, num_cpus=2, temp_dir=os.environ.get("RAY_TMPDIR"))
-    yield
-    ray.shutdown()
-
-
 def _sweep(archive: Path, store: Path, **kw) -> dict:
     from pdacscreen.flows.sweep import nightly_sweep
 
