@@ -24,7 +24,7 @@ from ray.exceptions import RayActorError, RayError, RayTaskError, WorkerCrashedE
 
 log = logging.getLogger(__name__)
 
-__all__ = ["WorkItem", "WorkOutcome", "run_pool", "init_ray"]
+__all__ = ["WorkItem", "WorkOutcome", "run_pool", "init_ray", "engine_placements"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,32 @@ def init_ray(
         )
 
 
+def engine_placements(*, gpu: bool) -> Iterator[Any]:
+    """Scheduling strategies that put engine actors on the cluster's nodes in turn, forever.
+
+    Ray's ``SPREAD`` is best effort: on a loaded machine it was seen to put both actors of a
+    two-node cluster on the head. Here each alive node gets a turn per engine slot it holds (one
+    per GPU, else one per two CPUs; a node with neither is skipped), round by round, so actor
+    ``k`` goes to a node of its own before any node gets a second. ``soft=True``: a node that is
+    full or gone (a replacement after a node loss) lets Ray place the actor anywhere.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    slots: list[tuple[str, int]] = []
+    for node in ray.nodes():
+        res = node.get("Resources", {})
+        n = int(res.get("GPU", 0)) if gpu else int(res.get("CPU", 0)) // 2 or int(res.get("CPU", 0))
+        if node.get("Alive") and n:
+            slots.append((node["NodeID"], n))
+    order = [nid for r in range(max((n for _, n in slots), default=0)) for nid, n in slots if n > r]
+    if not order:
+        while True:
+            yield "SPREAD"
+    while True:
+        for nid in order:
+            yield NodeAffinitySchedulingStrategy(node_id=nid, soft=True)
+
+
 def run_pool(
     items: Iterable[WorkItem],
     *,
@@ -79,6 +105,7 @@ def run_pool(
     load_options: dict[str, Any] | None = None,
     capacity: Callable[[], int] | None = None,
     load_timeout_s: float | None = None,
+    replace_after_s: float = 60.0,
 ) -> Iterator[WorkOutcome]:
     """Yield one :class:`WorkOutcome` per item, in completion order.
 
@@ -93,9 +120,13 @@ def run_pool(
         max_in_flight: loaded-but-not-finished items allowed at once (>= n_actors).
         max_attempts: attempts per item when an actor dies.
         load_options: ``.options(...)`` for the loader task (e.g. ``{"num_cpus": 1}``).
-        capacity: how many engine actors the cluster can hold now (asked when an actor dies: after
-            a node is lost, a dead actor is replaced only while the survivors leave room for the
-            loaders, else the pool shrinks, never below one actor). None: always replace.
+        capacity: how many engine actors the cluster can hold now. When an actor dies while
+            others live, its replacement waits ``replace_after_s`` (the cluster takes seconds to
+            notice that a node is gone; asked at once, it still counts the dead node's CPUs, and a
+            replacement placed on the survivors would take the CPUs their loaders need: every
+            actor idle, every loader pending, forever). Then it is replaced if the survivors leave
+            room, else the pool shrinks. The last actor is always replaced at once. None: always
+            replace at once.
         load_timeout_s: a loader running longer (e.g. a decoder hung on a corrupted codestream)
             is killed (``ray.cancel(force=True)``: its worker process only) and the item becomes
             an outcome with code ``decode_timeout``; the pool goes on.
@@ -116,6 +147,7 @@ def run_pool(
     started: dict[ray.ObjectRef, float] = {}
     ready: deque[tuple[WorkItem, int, ray.ObjectRef, float]] = deque()
     running: dict[ray.ObjectRef, tuple[WorkItem, int, int, ray.ObjectRef, float]] = {}
+    replace_at: dict[int, float] = {}  # dead actors' slots -> when to decide on a replacement
     exhausted = False
 
     def again_or_lost(item: WorkItem, attempt: int, e: BaseException) -> WorkOutcome | None:
@@ -138,6 +170,15 @@ def run_pool(
             return None
 
     while True:
+        # 0. Dead actors' slots whose wait is over: replace, or shrink to what the cluster holds.
+        for slot in [s for s, when in replace_at.items() if time.monotonic() >= when]:
+            del replace_at[slot]
+            live = sum(a is not None for a in actors)
+            if capacity is None or live < capacity():
+                actors[slot] = actor_factory()
+                idle.append(slot)
+            else:
+                log.warning("engine pool shrinks to %d actors (cluster capacity)", live)
         # 1. Keep the loaders busy up to the in-flight bound.
         while len(loading) + len(ready) + len(running) < max_in_flight:
             nxt = next_item()
@@ -202,13 +243,12 @@ def run_pool(
                 log.warning(
                     "engine actor %d died on a study (attempt %d): %s", slot, attempt, _short(e)
                 )
-                live = sum(a is not None for a in actors) - 1
-                if live == 0 or capacity is None or live < capacity():
+                actors[slot] = None
+                if capacity is None or not any(a is not None for a in actors):
                     actors[slot] = actor_factory()
                     idle.append(slot)
-                else:  # its node is gone and the rest of the cluster is full: shrink the pool
-                    actors[slot] = None
-                    log.warning("engine pool shrinks to %d actors (cluster capacity)", live)
+                else:  # decided once the cluster knows whether the actor's node is gone
+                    replace_at[slot] = time.monotonic() + replace_after_s
                 if (lost := again_or_lost(item, attempt, e)) is not None:
                     yield lost
                 continue

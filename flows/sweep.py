@@ -55,7 +55,7 @@ from pdacscreen.flows.outcomes import (
     finding_row,
     text_or_none,
 )
-from pdacscreen.flows.ray_pool import WorkItem, init_ray, run_pool
+from pdacscreen.flows.ray_pool import WorkItem, engine_placements, init_ray, run_pool
 from pdacscreen.flows.study_worker import EngineActor, evidence_folder_name, load_study
 from pdacscreen.io.dicomweb import (
     DicomwebSource,
@@ -448,12 +448,13 @@ def fan_out(
     gpus = int(resources.get("GPU", 0))
     n_actors = _engine_slots(resources, config.n_actors)
     actor_opts: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
-    actor_opts["scheduling_strategy"] = "SPREAD"  # engines over every node, not packed on one
-    actor_cls = ray.remote(EngineActor).options(max_restarts=0, **actor_opts)
+    actor_cls = ray.remote(EngineActor)
     config_ref = ray.put(config)
+    placements = engine_placements(gpu=bool(gpus))  # engines over every node, not packed on one
 
     def factory():
-        return actor_cls.remote(config_ref)
+        opts = {**actor_opts, "scheduling_strategy": next(placements)}
+        return actor_cls.options(max_restarts=0, **opts).remote(config_ref)
 
     by_uid = {s.study_instance_uid: s for s in todo}
     items = (
