@@ -19,6 +19,12 @@ positive. FROC: lesion sensitivity against false positives per case.
 
 All weights-based functions take integer case weights so that one vectorised pass scores every
 bootstrap resample at once (``weights`` shape ``(B, n)``).
+
+Lead time and federated evaluation (``flows/leadtime.py``, ``flows/federated.py``) add: a bootstrap
+that resamples patients (:func:`cluster_bootstrap_weights`) with weighted AUROC, rates and medians;
+AUROC, DeLong variance and bounds from binned counts (:func:`auroc_from_counts`,
+:func:`auroc_variance_from_counts`, :func:`auroc_bounds_from_cells`); Cochran's Q / I^2 with
+DerSimonian-Laird pooling (:func:`heterogeneity`).  The functions above them are unchanged.
 """
 
 from __future__ import annotations
@@ -46,6 +52,17 @@ __all__ = [
     "froc",
     "lesion_metrics",
     "sensitivity_by_band",
+    "Heterogeneity",
+    "cluster_bootstrap_weights",
+    "weighted_auroc",
+    "weighted_rate",
+    "weighted_median",
+    "percentile_interval",
+    "auroc_from_counts",
+    "auroc_variance_from_counts",
+    "auroc_interval",
+    "auroc_bounds_from_cells",
+    "heterogeneity",
 ]
 
 FP_LEVELS = (0.125, 0.25, 0.5, 1.0, 2.0)
@@ -540,3 +557,185 @@ def sensitivity_by_band(
             lo, hi = _ci(rng.binomial(n, k / n, size=n_boot) / n)
         out[name] = Rate(k / n, lo, hi, numerator=k, denominator=n)
     return out
+
+
+# ---------------------------------------------------------------------- patient-clustered bootstrap
+def cluster_bootstrap_weights(
+    clusters, n_boot: int, rng: np.random.Generator, *, strata=None
+) -> np.ndarray:
+    """``(n_boot, n)`` case weights of a bootstrap that resamples *clusters* (patients), not cases.
+
+    Each resample draws, within each stratum, as many clusters as the stratum holds, with
+    replacement; a case's weight is the number of times its cluster was drawn, so all studies of a
+    patient enter or leave a resample together.  ``strata`` (per case, constant within a cluster,
+    e.g. "patient is later diagnosed") keeps both classes present in every resample.
+    """
+    cl = np.asarray(clusters).astype(str)
+    if cl.ndim != 1:
+        raise ValueError(f"clusters must be 1-D, got shape {cl.shape}")
+    codes, inv = np.unique(cl, return_inverse=True)
+    st = np.zeros(cl.size, np.int64) if strata is None else np.asarray(strata)
+    if st.shape != cl.shape:
+        raise ValueError(f"strata must match clusters' shape {cl.shape}, got {st.shape}")
+    cluster_stratum = np.zeros(codes.size, dtype=st.dtype)
+    cluster_stratum[inv] = st
+    if np.any(cluster_stratum[inv] != st):
+        raise ValueError("strata must be constant within each cluster")
+    counts = np.zeros((n_boot, codes.size), np.float64)
+    for s in np.unique(cluster_stratum):
+        members = np.flatnonzero(cluster_stratum == s)
+        draw = members[rng.integers(0, members.size, (n_boot, members.size))]
+        flat = (draw + (np.arange(n_boot) * codes.size)[:, None]).ravel()
+        counts += np.bincount(flat, minlength=n_boot * codes.size).reshape(n_boot, codes.size)
+    return counts[:, inv]
+
+
+def weighted_auroc(y, score, weights) -> np.ndarray:
+    """AUROC under each row of case weights: ``weights`` ``(B, n)`` or ``(n,)`` -> ``(B,)``."""
+    g = _Groups(y, score)
+    return _auroc(*g.split(np.atleast_2d(np.asarray(weights, float))))
+
+
+def weighted_rate(event, at_risk, weights) -> np.ndarray:
+    """``sum(w * event * at_risk) / sum(w * at_risk)`` per row of ``weights`` (NaN when empty)."""
+    w = np.atleast_2d(np.asarray(weights, float))
+    e, r = np.asarray(event, bool), np.asarray(at_risk, bool)
+    return _div(w @ (e & r).astype(float), w @ r.astype(float))
+
+
+def weighted_median(values, weights) -> np.ndarray:
+    """The median of ``values`` repeated ``weights`` times (integer weights), per row -> ``(B,)``.
+
+    Equals ``np.median(np.repeat(values, w))``: the mean of the two middle values of an even count.
+    """
+    v = np.asarray(values, float)
+    w = np.atleast_2d(np.asarray(weights, float))
+    if v.size == 0:
+        return np.full(w.shape[0], np.nan)
+    order = np.argsort(v, kind="stable")
+    v, cum = v[order], np.cumsum(w[:, order], axis=1)
+    total = cum[:, -1]
+    lo_q, hi_q = np.floor((total - 1) / 2), np.floor(total / 2)
+    lo = np.argmax(cum > lo_q[:, None], axis=1)
+    hi = np.argmax(cum > hi_q[:, None], axis=1)
+    return np.where(total > 0, (v[lo] + v[hi]) / 2.0, np.nan)
+
+
+def percentile_interval(samples) -> tuple[float, float]:
+    """The 2.5th and 97.5th percentiles of the finite ``samples`` (NaN, NaN when none)."""
+    return _ci(np.asarray(samples, float))
+
+
+# ---------------------------------------------------------------------- metrics from binned counts
+def auroc_from_counts(pos, neg) -> float:
+    """AUROC from counts per score bin (bins ascending); cases in one bin count as ties (1/2)."""
+    p, n = np.atleast_2d(np.asarray(pos, float)), np.atleast_2d(np.asarray(neg, float))
+    return float(_auroc(p, n)[0])
+
+
+def auroc_variance_from_counts(pos, neg) -> float:
+    """DeLong's variance of the AUROC from counts per score bin (bins ascending, ties 1/2).
+
+    Structural components: a positive in bin g scores ``V10_g = (N below g + N in g / 2) / N``, a
+    negative ``V01_g = (P above g + P in g / 2) / P``; ``var = S10 / P + S01 / N`` with S the
+    weighted sample variances.  Cases are taken as independent (counts carry no patient).
+    """
+    p, n = np.asarray(pos, float), np.asarray(neg, float)
+    P, N = p.sum(), n.sum()
+    if P < 2 or N < 2:
+        return float("nan")
+    v10 = (np.cumsum(n) - n + 0.5 * n) / N
+    v01 = (P - np.cumsum(p) + 0.5 * p) / P
+    a = float(np.sum(p * v10) / P)
+    s10 = np.sum(p * (v10 - a) ** 2) / (P - 1)
+    s01 = np.sum(n * (v01 - a) ** 2) / (N - 1)
+    return float(s10 / P + s01 / N)
+
+
+def auroc_interval(auroc: float, variance: float, z: float = 1.959964) -> tuple[float, float]:
+    """A 95% interval for an AUROC from its variance, on the logit scale (stays inside (0, 1))."""
+    if not (np.isfinite(auroc) and np.isfinite(variance)) or not 0.0 < auroc < 1.0:
+        return float("nan"), float("nan")
+    lg = np.log(auroc / (1.0 - auroc))
+    half = z * np.sqrt(variance) / (auroc * (1.0 - auroc))
+    return float(1.0 / (1.0 + np.exp(-(lg - half)))), float(1.0 / (1.0 + np.exp(-(lg + half))))
+
+
+def auroc_bounds_from_cells(pos_cells, neg_cells) -> tuple[float, float]:
+    """Bounds on the AUROC of cases known only as counts in score intervals ``[lo, hi)``.
+
+    ``pos_cells`` / ``neg_cells``: ``(m, 3)`` rows ``(lo, hi, count)``.  A positive-negative pair
+    is ordered when the cells do not overlap (``neg.hi <= pos.lo``: the positive is higher); pairs
+    in overlapping cells (or one bin) are unordered and count 0 for the lower bound, 1 for the
+    upper.  The AUROC of the underlying cases (ties 1/2) lies between the two.
+    """
+    pc, nc = (
+        np.asarray(pos_cells, float).reshape(-1, 3),
+        np.asarray(neg_cells, float).reshape(-1, 3),
+    )
+    P, N = pc[:, 2].sum(), nc[:, 2].sum()
+    if P == 0 or N == 0:
+        return float("nan"), float("nan")
+    by_hi, by_lo = np.argsort(nc[:, 1]), np.argsort(nc[:, 0])
+    cum_hi = np.r_[0.0, np.cumsum(nc[by_hi, 2])]
+    cum_lo = np.r_[0.0, np.cumsum(nc[by_lo, 2])]
+    below = cum_hi[np.searchsorted(nc[by_hi, 1], pc[:, 0], side="right")]  # neg.hi <= pos.lo
+    above = N - cum_lo[np.searchsorted(nc[by_lo, 0], pc[:, 1], side="left")]  # neg.lo >= pos.hi
+    lo = float(np.sum(pc[:, 2] * below) / (P * N))
+    hi = float(1.0 - np.sum(pc[:, 2] * above) / (P * N))
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class Heterogeneity:
+    """Between-study heterogeneity of estimates with known variances (inverse-variance weights).
+
+    ``q``: Cochran's Q; ``i2``: Higgins' I^2 = max(0, (Q - df) / Q); ``tau2``: DerSimonian-Laird
+    between-site variance; ``fixed`` / ``random``: the fixed- and random-effects pooled estimates
+    with normal 95% intervals.
+    """
+
+    q: float
+    df: int
+    p_value: float
+    i2: float
+    tau2: float
+    fixed: Estimate
+    random: Estimate
+
+
+def heterogeneity(estimates, variances) -> Heterogeneity:
+    """Cochran's Q, I^2 and DerSimonian-Laird pooling of per-site estimates (e.g. AUROCs)."""
+    from scipy.stats import chi2
+
+    e, v = np.asarray(estimates, float), np.asarray(variances, float)
+    if e.shape != v.shape or e.ndim != 1:
+        raise ValueError(
+            f"estimates and variances must be 1-D of one length, got {e.shape}, {v.shape}"
+        )
+    ok = np.isfinite(e) & np.isfinite(v) & (v > 0)
+    e, v = e[ok], v[ok]
+    nan = float("nan")
+    if e.size == 0:
+        return Heterogeneity(
+            nan, 0, nan, nan, nan, Estimate(nan, nan, nan), Estimate(nan, nan, nan)
+        )
+    w = 1.0 / v
+    fixed = float(np.sum(w * e) / w.sum())
+    df = int(e.size - 1)
+    q = float(np.sum(w * (e - fixed) ** 2))
+    c = float(w.sum() - np.sum(w**2) / w.sum())
+    tau2 = max(0.0, (q - df) / c) if df > 0 and c > 0 else 0.0
+    wr = 1.0 / (v + tau2)
+    rand = float(np.sum(wr * e) / wr.sum())
+    z = 1.959964
+    se_f, se_r = float(np.sqrt(1.0 / w.sum())), float(np.sqrt(1.0 / wr.sum()))
+    return Heterogeneity(
+        q=q,
+        df=df,
+        p_value=float(chi2.sf(q, df)) if df > 0 else nan,
+        i2=max(0.0, (q - df) / q) if df > 0 and q > 0 else 0.0,
+        tau2=float(tau2),
+        fixed=Estimate(fixed, fixed - z * se_f, fixed + z * se_f),
+        random=Estimate(rand, rand - z * se_r, rand + z * se_r),
+    )

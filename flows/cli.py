@@ -31,7 +31,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("pdacscreen.flows.cli_sweep", "run a nightly sweep (Prefect flow, Ray fan-out)"),
     "serve": ("pdacscreen.flows.deploy", "serve the nightly sweep deployment on a cron schedule"),
     "query": ("pdacscreen.flows.query", "run SQL over a findings store (DuckDB)"),
-    "evaluate": ("pdacscreen.flows.evaluate", "evaluate findings against reference labels"),
+    "evaluate": (
+        "pdacscreen.flows.cli_evaluate",
+        "evaluate findings against reference labels, or lead time before diagnoses",
+    ),
+    "evaluate-network": (
+        "pdacscreen.flows.cli_evaluate_network",
+        "pool sites' aggregate exports into a network ROC with heterogeneity",
+    ),
     "worklist": ("pdacscreen.flows.worklist", "write a radiologist's worklist of flagged studies"),
     "timeline": (
         "pdacscreen.flows.cli_timeline",

@@ -16,7 +16,6 @@ table's ideal-observer detectability, :mod:`pdacscreen.io.phantom.observer`), by
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -28,10 +27,10 @@ import numpy as np
 import pandas as pd
 
 from pdacscreen.engine import metrics as M
-from pdacscreen.io.errors import InputError, PdacscreenError
+from pdacscreen.io.errors import InputError
 from pdacscreen.io.store import FindingsStore
 
-__all__ = ["SUBGROUPS", "Evaluation", "add_arguments", "evaluate", "load_labels", "run", "write"]
+__all__ = ["SUBGROUPS", "Evaluation", "evaluate", "load_labels", "write"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +54,7 @@ class Evaluation:
     exclusions: pd.DataFrame
     froc: tuple[np.ndarray, np.ndarray] | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    cases: pd.DataFrame | None = None  # the evaluated cases (for --export-aggregate), never written
 
 
 def load_labels(path: Path) -> pd.DataFrame:
@@ -440,7 +440,7 @@ def evaluate(
         if lesion
         else None
     )
-    return Evaluation(metrics, (fpr, tpr), excl, froc, tuple(notes))
+    return Evaluation(metrics, (fpr, tpr), excl, froc, tuple(notes), cases=df)
 
 
 def _range(col: pd.Series | None) -> list[str] | None:
@@ -463,79 +463,3 @@ def write(result: Evaluation, out: Path) -> dict[str, Path]:
     paths.update(plots)
     paths["report"] = report.write_html(result, out, plots=plots, plot_note=plot_note)
     return paths
-
-
-# ------------------------------------------------------------------------ CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("store", type=Path, help="findings store folder (STORE)")
-    parser.add_argument("--labels", type=Path, required=True, help="labels .parquet or .csv")
-    parser.add_argument(
-        "--by", default=",".join(SUBGROUPS), help=f"subgroups, from {','.join(SUBGROUPS)}"
-    )
-    parser.add_argument("--out", type=Path, default=Path("evaluation"), help="output folder")
-    parser.add_argument("--model-version", default=None, help="model version (default: latest)")
-    parser.add_argument(
-        "--threshold", type=float, default=None, help="override the operating threshold"
-    )
-    parser.add_argument(
-        "--label-maps",
-        type=Path,
-        default=None,
-        help="folder of <study or series uid>.nii.gz label maps",
-    )
-    parser.add_argument(
-        "--lesion-label", type=int, default=None, help="lesion value in label maps (default: > 0)"
-    )
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    parser.add_argument("--tolerance-mm", type=float, default=5.0, help="centre-hit tolerance, mm")
-
-
-def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    by = tuple(b.strip() for b in args.by.split(",") if b.strip())
-    try:
-        result = evaluate(
-            args.store,
-            args.labels,
-            by=by,
-            model_version=args.model_version,
-            threshold=args.threshold,
-            label_maps=args.label_maps,
-            lesion_label=args.lesion_label,
-            n_boot=args.bootstrap,
-            seed=args.seed,
-            tolerance_mm=args.tolerance_mm,
-        )
-    except PdacscreenError as e:
-        Console(stderr=True).print(f"[red]{e.code}:[/red] {e}", highlight=False)
-        return 2
-    paths = write(result, args.out)
-    m = result.metrics
-    cl = m["case_level"]
-    table = Table(title=f"evaluation of {m['model']['version']}", header_style="bold")
-    for col in ("metric", "value", "95% CI", "counts"):
-        table.add_column(col)
-    table.add_row("AUROC", *_fmt(cl["auroc"]), f"{cl['n_positive']} pos / {cl['n_negative']} neg")
-    table.add_row("average precision", *_fmt(cl["average_precision"]), "")
-    for label, point in [
-        (f"@ threshold {cl['at_threshold']['threshold']:.3g}", cl["at_threshold"])
-    ] + [(f"@ {p['target_specificity']:.0%} specificity", p) for p in cl["at_specificity"]]:
-        for name in ("sensitivity", "specificity"):
-            r = point[name]
-            table.add_row(f"{name} {label}", *_fmt(r), f"{r['numerator']}/{r['denominator']}")
-    console.print(table)
-    console.print(
-        f"excluded: {m['counts']['excluded_by_reason'] or 'none'}; outputs in {paths['report'].parent}"
-    )
-    return 0
-
-
-def _fmt(e: dict) -> tuple[str, str]:
-    v = "n/a" if e["value"] is None else f"{e['value']:.3f}"
-    if e["ci_low"] is None:
-        return v, ""
-    return v, f"{e['ci_low']:.3f}-{e['ci_high']:.3f}"

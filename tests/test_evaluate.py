@@ -289,6 +289,18 @@ def test_bad_inputs_are_typed_errors(evaluated, tmp_path):
     assert main(["evaluate", str(gen.store.root), "--labels", str(tmp_path / "none.csv")]) == 2
 
 
+def test_labels_or_diagnoses_is_required_not_both(evaluated):
+    gen, labels, out, m = evaluated
+    store = str(gen.store.root)
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", store])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit):
+        main(["evaluate", store, "--labels", "a.csv", "--diagnoses", "b.csv"])
+    res = evaluate(gen.store.root, out.parent / "labels.parquet", by=(), n_boot=0)
+    assert len(res.cases) == m["counts"]["evaluated"]  # the cases an aggregate export counts
+
+
 def test_minimal_labels_use_findings_for_acquisition_subgroups(evaluated, tmp_path):
     gen, labels, out, m = evaluated
     minimal = labels[["study_instance_uid", "label"]]
