@@ -9,10 +9,18 @@
   W400/L40, lesion probability as a red overlay, pancreas outline in green, and a caption.
 
 Outputs are deterministic (no timestamps; same inputs give the same bytes).
+
+For DICOM results (SEG, SR: :mod:`pdacscreen.io.dicom.export`) the masks go onto the SOURCE
+series' own slices instead: :func:`masks_on_slices` samples the stage-2 crop masks at every pixel
+centre of every source slice (its own ImagePositionPatient, so a series that ``load_series``
+resampled for uneven spacing maps back exactly), nearest neighbour; :func:`lesion_components`
+splits the lesion mask into the engine's candidates (same 26-connected components, same order).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +29,18 @@ from scipy import ndimage
 
 from pdacscreen.engine.errors import EngineError
 from pdacscreen.engine.inference import StudyResult
+from pdacscreen.engine.postprocess import Lesion, lesion_candidates
 from pdacscreen.io.nifti import write_labels
 from pdacscreen.io.types import CTVolume, world_to_voxel
 
-__all__ = ["write_evidence", "masks_in_series_grid"]
+__all__ = [
+    "SliceGeometry",
+    "lesion_components",
+    "masks_in_series_grid",
+    "masks_on_slices",
+    "sample_nearest",
+    "write_evidence",
+]
 
 WINDOW = (40.0, 400.0)  # level, width (HU)
 
@@ -75,6 +91,123 @@ def masks_in_series_grid(result: StudyResult, volume: CTVolume) -> tuple[np.ndar
     pancreas[box] = _to_series(masks.pancreas, masks.affine, volume, box, order=0)
     lesion[box] = _to_series(masks.lesion, masks.affine, volume, box, order=0)
     return pancreas, lesion
+
+
+@dataclass(frozen=True)
+class SliceGeometry:
+    """The slices of a source series, in mask order (ascending position along the normal).
+
+    ``positions``: ``(n, 3)`` ImagePositionPatient of each slice (LPS mm, centre of its first
+    pixel); ``row_dir`` / ``col_dir``: ImageOrientationPatient[:3] / [3:] (unit vectors along a
+    row / down a column); ``pixel_spacing``: PixelSpacing ``(between rows, between columns)`` mm;
+    ``rows``, ``columns``: the matrix.  Plain values: built from the headers by the caller.
+    """
+
+    positions: np.ndarray
+    row_dir: tuple[float, float, float]
+    col_dir: tuple[float, float, float]
+    pixel_spacing: tuple[float, float]
+    rows: int
+    columns: int
+
+    def __post_init__(self) -> None:
+        pos = np.asarray(self.positions, dtype=np.float64)
+        if pos.ndim != 2 or pos.shape[1] != 3 or len(pos) == 0:
+            raise EngineError(f"positions must be (n, 3) with n >= 1, got shape {pos.shape}")
+        if min(self.pixel_spacing) <= 0 or self.rows < 1 or self.columns < 1:
+            raise EngineError(
+                f"pixel_spacing {self.pixel_spacing} must be > 0 and rows/columns "
+                f"({self.rows}, {self.columns}) >= 1"
+            )
+        object.__setattr__(self, "positions", pos)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (len(self.positions), int(self.rows), int(self.columns))
+
+
+def sample_nearest(src: np.ndarray, affine: np.ndarray, world: np.ndarray) -> np.ndarray:
+    """Values of ``src`` (grid ``affine``: index (k, j, i) -> LPS mm) at the LPS points ``world``
+    ``(..., 3)``: the voxel whose centre is nearest (index ``floor(c + 0.5)``, ties to the higher
+    index); 0 outside the grid."""
+    inv = np.linalg.inv(np.asarray(affine, dtype=np.float64))
+    idx = world @ inv[:3, :3].T + inv[:3, 3]
+    idx = np.floor(idx + 0.5).astype(np.int64)
+    inside = np.all((idx >= 0) & (idx < np.asarray(src.shape)), axis=-1)
+    out = np.zeros(world.shape[:-1], dtype=src.dtype)
+    k = idx[inside]
+    out[inside] = src[k[:, 0], k[:, 1], k[:, 2]]
+    return out
+
+
+def masks_on_slices(
+    masks: Sequence[np.ndarray], affine: np.ndarray, geometry: SliceGeometry
+) -> list[np.ndarray]:
+    """``masks`` (uint8, one grid: the stage-2 crop, ``affine``) on the source slices.
+
+    Each output is uint8 ``(n, rows, columns)``, plane ``k`` the mask sampled (nearest neighbour,
+    :func:`sample_nearest`) at the pixel centres ``positions[k] + j * dy * col_dir + i * dx *
+    row_dir`` of slice ``k``: the slice's true position, whatever grid the engine resampled to.
+    Only the slices and the in-plane box the crop reaches are sampled.
+    """
+    n, rows, cols = geometry.shape
+    out = [np.zeros((n, rows, cols), dtype=np.uint8) for _ in masks]
+    if not masks:
+        return out
+    shape = np.asarray(masks[0].shape, float)
+    if any(m.shape != masks[0].shape for m in masks):
+        raise EngineError(f"masks must share one grid, got shapes {[m.shape for m in masks]}")
+    dy, dx = geometry.pixel_spacing
+    r, c = np.asarray(geometry.row_dir, float), np.asarray(geometry.col_dir, float)
+    normal = np.cross(r, c)
+    normal /= np.linalg.norm(normal)
+    basis = np.stack([c * dy, r * dx, normal], axis=1)  # (j, i, t) -> LPS offset
+    corners = np.array(
+        [
+            [a, b, d]
+            for a in (-0.5, shape[0] - 0.5)
+            for b in (-0.5, shape[1] - 0.5)
+            for d in (-0.5, shape[2] - 0.5)
+        ]
+    )
+    world_corners = corners @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]
+    jj, ii = np.arange(rows, dtype=np.float64), np.arange(cols, dtype=np.float64)
+    for k, p in enumerate(geometry.positions):
+        jit = np.linalg.solve(basis, (world_corners - p).T).T  # corners in (j, i, t) of slice k
+        if not (jit[:, 2].min() <= 0.0 <= jit[:, 2].max()):
+            continue  # the crop does not reach this slice's plane
+        j0 = int(np.clip(np.floor(jit[:, 0].min()) - 1, 0, rows))
+        j1 = int(np.clip(np.ceil(jit[:, 0].max()) + 2, 0, rows))
+        i0 = int(np.clip(np.floor(jit[:, 1].min()) - 1, 0, cols))
+        i1 = int(np.clip(np.ceil(jit[:, 1].max()) + 2, 0, cols))
+        if j0 >= j1 or i0 >= i1:
+            continue
+        world = p + jj[j0:j1, None, None] * (c * dy) + ii[None, i0:i1, None] * (r * dx)
+        for m, o in zip(masks, out, strict=True):
+            o[k, j0:j1, i0:i1] = sample_nearest(np.asarray(m, np.uint8), affine, world)
+    return out
+
+
+def lesion_components(result: StudyResult) -> tuple[list[Lesion], np.ndarray]:
+    """The engine's lesion candidates, largest first, and their int32 label image (crop grid).
+
+    The lesion mask is the union of the kept candidates, which are 26-connected components that
+    touch no other; labelling it again with the engine's own function gives the same components
+    in the same order, with the same measurements (volume, diameter, centre, head/body/tail).
+    """
+    masks = result.masks
+    if masks is None or not masks.lesion.any():
+        shape = masks.lesion.shape if masks is not None else (0, 0, 0)
+        return [], np.zeros(shape, dtype=np.int32)
+    lesions, labels = lesion_candidates(
+        masks.lesion.astype(np.float32),
+        masks.pancreas.astype(bool),
+        masks.affine,
+        threshold=0.5,
+        min_ml=0.0,
+        return_labels=True,
+    )
+    return lesions, np.asarray(labels, dtype=np.int32)
 
 
 def _caption(result: StudyResult, package_label: str, k: int) -> str:

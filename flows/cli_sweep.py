@@ -11,7 +11,9 @@ import socket
 from pathlib import Path
 
 from pdacscreen.flows.cli import add_key_argument, key_or_none
+from pdacscreen.flows.config import DICOM_RESULTS
 from pdacscreen.flows.sweep import PROGRESS, nightly_sweep
+from pdacscreen.io.dicomweb import is_dicomweb
 from pdacscreen.io.errors import ErrorCode
 
 __all__ = ["add_arguments", "run", "start_prefect"]
@@ -115,6 +117,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="DICOMweb over https: do not verify the certificate (trials only)",
     )
     parser.add_argument(
+        "--dicom-results",
+        default="all",
+        choices=list(DICOM_RESULTS),
+        help="which studies get a DICOM SEG + TID 1500 SR in STORE/dicom/: all (every ok "
+        "study, i.e. every study with a pancreas; default), flagged, or none",
+    )
+    parser.add_argument(
+        "--write-back",
+        action="store_true",
+        help="DICOMweb only: send the SEG and SR to the source PACS by STOW-RS (same "
+        "credentials as the source); objects an earlier run failed to send are sent again",
+    )
+    parser.add_argument(
         "--hash-paths",
         action="store_true",
         help="name files in failures rows by keyed hashes of their archive paths "
@@ -131,6 +146,12 @@ def run(args: argparse.Namespace) -> int:
     from pdacscreen.io.store import FindingsStore
 
     console = Console()
+    if args.write_back and (not is_dicomweb(str(args.archive)) or args.dicom_results == "none"):
+        console.print(
+            "[red]--write-back sends the results back to a DICOMweb source: it needs a "
+            "dicomweb+http(s):// archive and --dicom-results all or flagged[/red]"
+        )
+        return 2
     if key_or_none(args, console) is None:  # refuse at once, before Prefect and Ray start
         return 2
     store = FindingsStore(args.store)
@@ -179,6 +200,8 @@ def run(args: argparse.Namespace) -> int:
                 study_date=args.study_date,
                 tls_verify=not args.insecure,
                 ca_bundle=args.ca_bundle,
+                dicom_results=args.dicom_results,
+                write_back=args.write_back,
             )
         except PdacscreenError as e:
             console.print(f"[red]sweep failed: {e}[/red]")
@@ -197,6 +220,9 @@ def run(args: argparse.Namespace) -> int:
         "skipped",
         "failed",
         "file_errors",
+        "dicom_written",
+        "dicom_sent",
+        "dicom_failed",
     ):
         table.add_row(key.replace("_", " "), str(summary[key]))
     table.add_row("engine", ", ".join(summary.get("engine_backends") or []) or "-")
@@ -210,6 +236,7 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"findings:  {root / 'findings'}")
     console.print(f"failures:  {root / 'failures'}")
     console.print(f"evidence:  {root / 'evidence'}")
+    console.print(f"dicom:     {root / 'dicom'} (records: {root / 'dicom_exports'})")
     console.print(f"manifest:  {summary['manifest']}")
     console.print(
         f'query:     pdacscreen query {root} "SELECT * FROM latest_findings WHERE pdac_flag"'

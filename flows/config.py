@@ -28,7 +28,11 @@ from pdacscreen.io.errors import InputError
 from pdacscreen.io.pseudonym import check_key, key_fingerprint
 from pdacscreen.io.select import SelectionRules
 
-__all__ = ["SweepConfig", "config_hash"]
+__all__ = ["DICOM_RESULTS", "SweepConfig", "config_hash"]
+
+#: which studies get a DICOM SEG + SR in ``STORE/dicom/``: every ``ok`` study (all of them have a
+#: pancreas: without one a study is ``not_assessable``), only the flagged ones, or none
+DICOM_RESULTS = ("all", "flagged", "none")
 
 
 def config_hash(*, model_sha256: str, rules: SelectionRules, engine: EngineConfig) -> str:
@@ -66,6 +70,10 @@ class SweepConfig:
         source: the DICOMweb source when ``archive`` is ``dicomweb+http(s)://`` (its credentials
             are ``SecretStr``; not in the config hash: where the images come from changes no
             finding).
+        dicom_results: which studies get a DICOM SEG + TID 1500 SR in ``STORE/dicom/``:
+            ``all`` (every ``ok`` study, i.e. every study with a pancreas), ``flagged`` or
+            ``none`` (:data:`DICOM_RESULTS`; not in the config hash: it changes no finding).
+        write_back: send those objects to the DICOMweb source by STOW-RS (``source`` only).
         hash: the config hash (see :func:`config_hash`).
     """
 
@@ -85,6 +93,8 @@ class SweepConfig:
     load_timeout_s: float = 900.0
     hash_paths: bool = False
     source: DicomwebSource | None = None
+    dicom_results: str = "all"
+    write_back: bool = False
     hash: str = ""
 
     def __post_init__(self) -> None:
@@ -95,6 +105,17 @@ class SweepConfig:
             raise InputError(f"n_actors must be >= 1 or None, got {self.n_actors}")
         if self.flush_every < 1:
             raise InputError(f"flush_every must be >= 1, got {self.flush_every}")
+        if self.dicom_results not in DICOM_RESULTS:
+            raise InputError(
+                f"dicom_results={self.dicom_results!r} is not allowed; use one of {DICOM_RESULTS}"
+            )
+        if self.write_back and (self.source is None or self.dicom_results == "none"):
+            raise InputError(
+                "write_back sends the DICOM results to the source PACS: it needs a "
+                "dicomweb+http(s):// archive and dicom_results 'all' or 'flagged', got "
+                f"archive={'dicomweb' if self.source else 'a folder'}, "
+                f"dicom_results={self.dicom_results!r}"
+            )
         if not self.hash:
             object.__setattr__(
                 self,
@@ -133,6 +154,8 @@ class SweepConfig:
             "load_timeout_s": self.load_timeout_s,
             "hash_paths": self.hash_paths,
             "source": self.source.describe() if self.source else None,
+            "dicom_results": self.dicom_results,
+            "write_back": self.write_back,
         }
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pdacscreen.engine.inference import FINDINGS_COLUMNS
+from pdacscreen.io.dicom.export import ExportRecord
 from pdacscreen.io.errors import ErrorCode, Status
 from pdacscreen.io.select import StudySelection
 from pdacscreen.io.types import CTVolume
@@ -56,11 +57,17 @@ class StudyTask:
 
 @dataclass(frozen=True)
 class LoadedStudy:
-    """A decoded series ready for the engine, with its phase measured once (in the loader)."""
+    """A decoded series ready for the engine, with its phase measured once (in the loader).
+
+    ``headers``: the series' DICOM headers without pixel data, as file bytes
+    (:func:`pdacscreen.io.dicom.export.source_headers`), read when the sweep writes DICOM
+    results (the SEG and SR reference the source images); empty otherwise.
+    """
 
     volume: CTVolume
     phase: PhaseMeasure
     load_s: float
+    headers: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,8 @@ class StudyOutcome:
     ``findings``: the engine's values for :data:`ENGINE_FIELDS` (empty unless assessed).
     ``timings``: seconds per stage (load, stage1, stage2, postprocess ...).
     ``node``: where the engine ran (counted per node in the run manifest, not in findings rows).
+    ``exports``: what became of the study's DICOM SEG and SR (``STORE/dicom_exports/`` rows; a
+    failed export never changes the findings row).
     """
 
     status: Status
@@ -102,6 +111,7 @@ class StudyOutcome:
     failure: Failure | None = None
     node: str | None = None  # the Ray node that ran the engine (host name; no patient data)
     measures: dict[str, Any] = field(default_factory=dict)  # MEASURE_FIELDS (body composition)
+    exports: tuple[ExportRecord, ...] = ()
 
     @classmethod
     def failed(cls, code: str, message: str, *, stage: str) -> StudyOutcome:
@@ -132,6 +142,7 @@ class StudyOutcome:
         timings: dict[str, float],
         node: str | None = None,
         measures: dict[str, Any] | None = None,
+        exports: tuple[ExportRecord, ...] = (),
     ) -> StudyOutcome:
         """An engine result: ``ok`` with a probability, else ``not_assessable`` with the reason."""
         p = findings.get("pdac_probability")
@@ -155,6 +166,7 @@ class StudyOutcome:
             timings=dict(timings),
             node=node,
             measures=dict(measures or {}),
+            exports=tuple(exports),
         )
 
 

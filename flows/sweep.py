@@ -11,6 +11,14 @@ Rows are appended in small atomic batches by the driver; a sweep killed at any m
 most the unflushed batch, whose studies have no row and are planned again by the next run.  The
 store's lock keeps a second sweep on the same store out.
 
+DICOM results (:mod:`pdacscreen.flows.study_worker`): the engine actors write a SEG and a TID 1500
+SR per ``ok`` study (``dicom_results``: all / flagged / none) into ``STORE/dicom/<study folder>/``;
+their records go into ``STORE/dicom_exports/`` in the same batches as the findings (records
+first: a batch cut between the two has records and no rows, so the studies are planned again
+and rewritten under the same UIDs).  With ``write_back`` (DICOMweb sources), the ``write-back``
+task then sends by STOW-RS every written object of the source not yet ``sent``, this run's and
+those an earlier run failed to send (:func:`pdacscreen.io.dicomweb.send_pending`).
+
 SIGTERM (a scheduler stopping the job) is a clean stop: the driver stops taking results, flushes
 the current batch, and writes the run manifest with ``status: stopped``; the studies still in
 flight have no row, so the next run plans them again.
@@ -57,11 +65,13 @@ from pdacscreen.flows.outcomes import (
 )
 from pdacscreen.flows.ray_pool import WorkItem, engine_placements, init_ray, run_pool
 from pdacscreen.flows.study_worker import EngineActor, evidence_folder_name, load_study
+from pdacscreen.io.dicom.export import append_exports
 from pdacscreen.io.dicomweb import (
     DicomwebSource,
     fetch_series,
     index_source,
     is_dicomweb,
+    send_pending,
     source_from_env,
 )
 from pdacscreen.io.errors import ErrorCode, Status
@@ -145,6 +155,12 @@ class SweepSummary:
     studies_by_node: dict[str, int] = field(default_factory=dict)
     manifest: str = ""
     status: str = "completed"
+    dicom_written: int = 0
+    dicom_sent: int = 0
+    dicom_failed: int = 0
+
+    def _dicom(self) -> str:
+        return f"{self.dicom_written} / {self.dicom_sent} / {self.dicom_failed}"
 
     def markdown(self) -> str:
         rows = [
@@ -159,6 +175,7 @@ class SweepSummary:
             ("skipped", self.skipped),
             ("failed", self.failed),
             ("bad files in archive (new this run)", self.file_errors),
+            ("DICOM results written / sent / failed", self._dicom()),
             ("engine", ", ".join(self.engine_backends) or "-"),
             ("throughput (studies/hour)", f"{self.studies_per_hour:.0f}"),
             ("duration (s)", f"{self.duration_s:.1f}"),
@@ -197,6 +214,8 @@ def build_config(
     package: ModelPackage | None = None,
     hash_paths: bool = False,
     source: DicomwebSource | None = None,
+    dicom_results: str = "all",
+    write_back: bool = False,
 ) -> SweepConfig:
     """The sweep's one configuration, resolved in the driver.
 
@@ -227,6 +246,8 @@ def build_config(
         flush_every=flush_every,
         hash_paths=hash_paths,
         source=source,
+        dicom_results=dicom_results,
+        write_back=write_back,
     )
 
 
@@ -371,6 +392,7 @@ class _Writer:
         self.store, self.config, self.run = store, config, run
         self.rows: list[dict[str, Any]] = []
         self.failures: list[dict[str, Any]] = []
+        self.exports: list[dict[str, Any]] = []
         self.files: list[str] = []
         self.counts: Counter[str] = Counter()
         self.backends: set[str] = set()
@@ -393,6 +415,9 @@ class _Writer:
             self.failures.append(
                 failure_row(sel, outcome.failure, occurred_at=dt.datetime.now(dt.UTC))
             )
+        for rec in outcome.exports:
+            self.exports.append(rec.row())
+            self.counts["dicom:" + rec.status] += 1
         self.counts[row["status"]] += 1
         if row["status"] == Status.OK and row.get("pdac_flag"):
             self.counts["flagged"] += 1
@@ -406,6 +431,14 @@ class _Writer:
             self.flush()
 
     def flush(self) -> None:
+        if self.exports:  # before the rows: a cut here leaves records, no rows (planned again)
+            append_exports(
+                self.store.root,
+                self.exports,
+                sweep_id=self.run.sweep_id,
+                model_version=self.config.model_version,
+                config_hash=self.config.hash,
+            )
         if self.rows:
             path = self.store.append_findings(
                 self.rows,
@@ -419,7 +452,7 @@ class _Writer:
                 self.files.append(str(path))
         if self.failures:
             self.store.append_failures(self.failures, sweep_id=self.run.sweep_id)
-        self.rows, self.failures = [], []
+        self.rows, self.failures, self.exports = [], [], []
         self._last = time.monotonic()
 
 
@@ -514,6 +547,13 @@ def _take(out, *, by_uid, writer: _Writer, facts, stage_seconds: Counter[str]) -
         for stage, seconds in outcome.timings.items():
             stage_seconds[stage] += seconds
     writer.add(sel, outcome, facts.get(sel.series_instance_uid or "", {}))
+
+
+@task(name="write-back", cache_policy=NO_CACHE)
+def send_results(config: SweepConfig, sweep_id: str) -> dict[str, int]:
+    """STOW-RS of the written DICOM results not yet sent to the source (this run's and earlier
+    ones'); counts by status (``sent``, ``failed``)."""
+    return send_pending(config.source, store=Path(config.store), sweep_id=sweep_id)
 
 
 @task(name="index-failures", cache_policy=NO_CACHE)
@@ -632,6 +672,8 @@ def nightly_sweep(
     study_date: str | None = None,
     tls_verify: bool = True,
     ca_bundle: str | None = None,
+    dicom_results: str = "all",
+    write_back: bool = False,
 ) -> dict[str, Any]:
     """Sweep ``archive`` into ``store`` with the model package ``model`` (default: reference).
 
@@ -644,6 +686,10 @@ def nightly_sweep(
     environment (:func:`pdacscreen.io.dicomweb.source_from_env`), never from a parameter;
     ``study_date`` narrows its QIDO search (``20240101-``), ``tls_verify`` / ``ca_bundle`` set
     TLS checks.
+
+    ``dicom_results`` (``all`` | ``flagged`` | ``none``): which ``ok`` studies get a DICOM SEG
+    and SR in ``STORE/dicom/``; ``write_back``: send them (and those not sent before) to the
+    DICOMweb source by STOW-RS, with the source's credentials.
     """
     logger = get_run_logger()
     t0 = time.perf_counter()
@@ -672,6 +718,8 @@ def nightly_sweep(
             package=package,
             hash_paths=hash_paths,
             source=source,
+            dicom_results=dicom_results,
+            write_back=write_back,
         )
         fs = sweep_store(config)
         upd = index_archive(config) if source is None else index_dicomweb(config, sweep_id)
@@ -728,6 +776,9 @@ def nightly_sweep(
             summary.stage_seconds = {k: round(v, 2) for k, v in out["stage_seconds"].items()}
             summary.engine_backends = out["engine_backends"]
             summary.studies_by_node = out["studies_by_node"]
+        if config.write_back and not stop.is_set():
+            sent = send_results(config, sweep_id)
+            counts.update({f"dicom:{k}": v for k, v in sent.items()})
         if stop.is_set():
             summary.status = "stopped"
             logger.warning("sweep %s stopped by SIGTERM; run it again to finish", sweep_id)
@@ -737,6 +788,9 @@ def nightly_sweep(
         summary.failed = counts.get(Status.FAILED, 0)
         summary.flagged = counts.get("flagged", 0)
         summary.processed = summary.ok + summary.not_assessable + summary.skipped + summary.failed
+        summary.dicom_written = counts.get("dicom:written", 0)
+        summary.dicom_sent = counts.get("dicom:sent", 0)
+        summary.dicom_failed = counts.get("dicom:failed", 0)
         summary.errors_by_code = {
             k.removeprefix("code:"): v for k, v in counts.items() if k.startswith("code:")
         }

@@ -6,6 +6,12 @@ the pseudonymous accession key, study date, lesion size and location, QC flags a
 (``<evidence_path>/key.png``). Writes ``worklist.html``, which opens from disk with no server (key
 images embedded as base64 by default, or linked by relative path with ``--link-images``), and
 ``worklist.csv``.
+
+Each row links the study's DICOM results when the sweep wrote them (``STORE/dicom_exports/``):
+``seg_path`` / ``sr_path`` (relative to STORE; the page links them relative to itself),
+``dicom_export_status`` (the status that most needs attention of the two objects: failed,
+skipped, written, then sent) and, for a study from a DICOMweb source, ``pacs_study_url``: the
+study's DICOMweb resource (``<service root>/studies/<StudyInstanceUID>``, no credentials).
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from pathlib import Path
 import pandas as pd
 
 from pdacscreen.flows.query import connect, to_arrow
+from pdacscreen.io.dicom.export import read_exports
+from pdacscreen.io.dicomweb import PREFIX
 from pdacscreen.io.errors import InputError, PdacscreenError
 
 __all__ = ["KEY_IMAGE", "add_arguments", "flagged_studies", "run", "write_worklist"]
@@ -45,13 +53,19 @@ COLUMNS = (
     "model_version",
     "study_instance_uid",
     "key_image",
+    "seg_path",
+    "sr_path",
+    "dicom_export_status",
+    "pacs_study_url",
 )
+#: which export status a study shows when its two objects differ (most needing attention first)
+_STATUS_ORDER = ("failed", "skipped", "written", "sent")
 
 _SQL = """
 SELECT row_number() OVER (ORDER BY pdac_probability DESC, study_instance_uid) AS rank,
        pdac_probability, accession_key, study_date, lesion_diameter_mm, lesion_location,
        lesion_volume_ml, qc_flags, phase_estimate, manufacturer, slice_thickness_mm, sweep_date,
-       model_name, model_version, study_instance_uid, evidence_path
+       model_name, model_version, study_instance_uid, evidence_path, config_hash
 FROM latest_findings
 WHERE status = 'ok' AND pdac_flag AND (CAST(? AS DATE) IS NULL OR sweep_date >= CAST(? AS DATE))
 ORDER BY rank
@@ -76,7 +90,50 @@ def flagged_studies(store: Path | str, *, since: dt.date | None = None) -> pd.Da
     finally:
         con.close()
     df["key_image"] = [_key_image(root, e) for e in df.pop("evidence_path")]
+    df = _with_dicom_results(df, root)
     return df[list(COLUMNS)]
+
+
+def _with_dicom_results(df: pd.DataFrame, root: Path) -> pd.DataFrame:
+    """``df`` with the DICOM result columns of each row's (study, model version, config hash)."""
+    ex = read_exports(root)
+    keys = ["study_instance_uid", "model_version", "config_hash"]
+    links: dict[tuple, dict[str, object]] = {}
+    for key, events in ex.groupby(keys, sort=False):
+        entry: dict[str, object] = {}
+        statuses = []
+        for obj, mine in events.groupby("object", sort=False):
+            written = mine[(mine["status"] == "written") & mine["path"].notna()]
+            if len(written):
+                entry[f"{obj}_path"] = str(written.iloc[-1]["path"])
+                source = written.iloc[-1]["source"]
+                if isinstance(source, str) and source.startswith(PREFIX):
+                    url = source.removeprefix(PREFIX).rstrip("/")
+                    entry["pacs_study_url"] = f"{url}/studies/{key[0]}"
+            statuses.append(str(mine.iloc[-1]["status"]))
+        entry["dicom_export_status"] = next(s for s in _STATUS_ORDER if s in statuses)
+        links[key] = entry
+    for col in ("seg_path", "sr_path", "dicom_export_status", "pacs_study_url"):
+        df[col] = [
+            links.get(tuple(r), {}).get(col) for r in df[keys].itertuples(index=False, name=None)
+        ]
+    return df.drop(columns=["config_hash"])
+
+
+def _dicom_cell(row, root: Path, out: Path) -> str:
+    links = []
+    for col, label in (("seg_path", "SEG"), ("sr_path", "SR")):
+        path = getattr(row, col)
+        if isinstance(path, str) and path and (root / path).is_file():
+            href = Path(os.path.relpath(root / path, out)).as_posix()
+            links.append(f"<a class='{label.lower()}' href='{html.escape(href)}'>{label}</a>")
+    url = row.pacs_study_url
+    if isinstance(url, str) and url:
+        links.append(f"<a class='pacs' href='{html.escape(url)}'>PACS study</a>")
+    status = row.dicom_export_status
+    if isinstance(status, str) and status:
+        links.append(f"<span class='export'>{html.escape(status)}</span>")
+    return " ".join(links) or "<span class='note'>none</span>"
 
 
 def _key_image(root: Path, evidence: object) -> str | None:
@@ -134,7 +191,8 @@ def write_worklist(
             f"<td class='num'>{size + ' mm' if size else ''}</td><td>{_fmt(r.lesion_location)}</td>"
             f"<td class='flags'>{flags}</td><td>{_fmt(r.phase_estimate)}</td>"
             f"<td>{_fmt(r.manufacturer)}<br>{_fmt(r.slice_thickness_mm, 2)} mm</td>"
-            f"<td>{_img(r.key_image, out, embed=embed)}</td></tr>"
+            f"<td>{_img(r.key_image, out, embed=embed)}</td>"
+            f"<td class='dicom'>{_dicom_cell(r, Path(store), out)}</td></tr>"
         )
     head = "".join(
         f"<th>{h}</th>"
@@ -149,6 +207,7 @@ def write_worklist(
             "phase",
             "scanner",
             "key image",
+            "DICOM results",
         )
     )
     models = ", ".join(

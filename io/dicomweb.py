@@ -12,6 +12,12 @@ dicom-web``).  What goes over the wire, per study:
   (``Accept: multipart/related; type="application/dicom"; transfer-syntax=*``: no server-side
   transcoding), into a per-study cache folder that the caller deletes after the study
   (:func:`fetch_series`), bounded by ``max_cache_bytes``.
+* STOW-RS of the sweep's results (``--write-back``, :func:`send_pending`): the DICOM SEG and SR
+  written into the store for the source's studies whose last recorded event is not ``sent``, one
+  request per study (``dicomweb-client``'s ``store_instances``: a multipart/related body), each
+  object then recorded ``sent`` or ``failed`` with a code (``source_unauthorized`` on 401/403,
+  ``source_unavailable`` after the retries, ``stow_rejected`` with the server's failure reason,
+  ``export_file_missing``).  The SOP Instance UIDs are derived, so a resend replaces, never adds.
 
 Index rows name an instance by its URL (``dicomweb+http://.../studies/S/series/X/instances/I``):
 Study, Series and SOP Instance UIDs, never a PatientID (``patient_key`` is the keyed hash, as for
@@ -44,6 +50,7 @@ import requests
 from pydantic import SecretStr
 from pydicom.dataset import Dataset
 
+from pdacscreen.io.dicom.export import ExportRecord, append_exports, pending_sends
 from pdacscreen.io.dicom.read import (
     _KEYWORDS,
     INDEX_COLUMNS,
@@ -64,6 +71,7 @@ __all__ = [
     "is_dicomweb",
     "metadata_rows",
     "parse_instance_url",
+    "send_pending",
     "source_from_env",
 ]
 
@@ -564,3 +572,74 @@ def fetch_series(source: DicomwebSource, paths: Iterable[str], *, folder: Path) 
     study, series = pairs.pop()
     with DicomwebClient(source) as client:
         return client.retrieve_series(study, series, sops=[r.sop for r in refs], folder=folder)
+
+
+# -- STOW-RS of results ------------------------------------------------------------------------
+
+
+def send_pending(source: DicomwebSource, *, store: Path, sweep_id: str) -> dict[str, int]:
+    """Send the store's written results of ``source``'s studies that are not ``sent`` yet.
+
+    One STOW-RS request per study (its SEG and SR); every object gets a ``send`` record in
+    ``STORE/dicom_exports/``: ``sent``, or ``failed`` with a code and a message (no credentials,
+    no patient identifiers).  After a 401/403, or a server still unreachable after the retries,
+    nothing more is tried (each request would fail the same way); the rest are recorded
+    ``failed`` with that code and sent next run.  Returns counts by status.
+    """
+    pending = pending_sends(store, source=source.archive)
+    by_study: dict[str, list[dict[str, Any]]] = {}
+    for obj in pending:
+        by_study.setdefault(str(obj["study_instance_uid"]), []).append(obj)
+    records: list[dict[str, Any]] = []
+    refused: SourceError | None = None
+
+    def record(obj: dict[str, Any], status: str, code: str | None, message: str | None) -> None:
+        rec = ExportRecord(
+            study_instance_uid=str(obj["study_instance_uid"]),
+            object=str(obj["object"]),
+            action="send",
+            status=status,
+            sop_instance_uid=str(obj["sop_instance_uid"]),
+            series_instance_uid=obj.get("series_instance_uid"),
+            path=obj.get("path"),
+            source=source.archive,
+            error_code=code,
+            message=message,
+        ).row()
+        rec.update(model_version=obj.get("model_version"), config_hash=obj.get("config_hash"))
+        records.append(rec)
+
+    if by_study:
+        with DicomwebClient(source) as client:
+            for objs in by_study.values():
+                here = [o for o in objs if (Path(store) / str(o["path"])).is_file()]
+                for o in objs:
+                    if o not in here:
+                        record(o, "failed", "export_file_missing", "the file is not in the store")
+                if not here:
+                    continue
+                if refused is not None:
+                    for o in here:
+                        record(o, "failed", str(refused.code), "not tried: " + _short(refused))
+                    continue
+                try:
+                    result = client.store([Path(store) / str(o["path"]) for o in here])
+                except SourceError as e:
+                    for o in here:
+                        record(o, "failed", str(e.code), _short(e))
+                    if e.code in (ErrorCode.SOURCE_UNAUTHORIZED, ErrorCode.SOURCE_UNAVAILABLE):
+                        refused = e  # the next study would meet the same (after its retries)
+                    continue
+                for o in here:
+                    reason = result.get(str(o["sop_instance_uid"]), "not acknowledged")
+                    if reason is None:
+                        record(o, "sent", None, None)
+                    else:
+                        record(o, "failed", "stow_rejected", str(reason)[:500])
+    append_exports(store, records, sweep_id=sweep_id)
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    if records:
+        log.info("STOW-RS to %s: %s", source.url, counts)
+    return counts

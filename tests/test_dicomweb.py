@@ -45,12 +45,14 @@ COMPARED = [
 
 class _Proxy:
     """HTTP proxy to ``target``: counts bytes served per path; ``mode`` "cut" sends half a body
-    (announcing the whole length) for multipart responses, "503" answers 503 to everything."""
+    (announcing the whole length) for multipart responses, "503" answers 503 to everything,
+    "deny-post" answers 403 to every POST (an account that may read but not store)."""
 
     def __init__(self, target: str) -> None:
         self.target, self.mode = target, None
         self.served: Counter[str] = Counter()
         self.hits: Counter[str] = Counter()
+        self.posts: Counter[str] = Counter()  # POST requests (STOW-RS) per path
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -63,6 +65,13 @@ class _Proxy:
                 n = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(n) if n else None
                 proxy.hits[self.path.split("?")[0]] += 1
+                if self.command == "POST":
+                    proxy.posts[self.path.split("?")[0]] += 1
+                if proxy.mode == "deny-post" and self.command == "POST":
+                    self.send_response(403)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if proxy.mode == "503":
                     self.send_response(503)
                     self.send_header("Content-Length", "0")

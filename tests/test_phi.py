@@ -186,12 +186,24 @@ def test_the_archive_really_carries_the_identifiers(swept):
 
 def test_no_identifier_in_findings_failures_evidence_or_sweep_records(swept):
     store = swept["store"]
-    outputs = _files(store / "findings", store / "failures", store / "evidence", store / "sweeps")
+    outputs = _files(
+        store / "findings",
+        store / "failures",
+        store / "evidence",
+        store / "sweeps",
+        store / "dicom_exports",
+    )
     assert any(p.suffix == ".parquet" for p in outputs)
     evidence = [p for p in outputs if "evidence" in p.parts]
     assert any(p.suffix == ".png" for p in evidence) and any(p.suffix == ".gz" for p in evidence)
-    assert not [p for p in store.rglob("*.dcm")], "a SEG/SR was written: exclude it by design"
+    assert any("dicom_exports" in p.parts for p in outputs)
     assert _hits(outputs, swept["planted"]) == []
+    # SEG/SR go back to the source PACS and carry the source study's patient module BY DESIGN
+    # (README, "From a PACS"); their contents are not searched, but their names are.
+    results = sorted(store.glob("dicom/**/*.dcm"))
+    assert results, "no SEG/SR was written"
+    names = "\n".join(str(p.relative_to(store)) for p in results)
+    assert [(f, v) for f, v in swept["planted"] if v.lower() in names.lower()] == []
     # the bad file in the patient-named folder is a failures row named by a keyed hash
     from pdacscreen.io.store import FindingsStore
 

@@ -120,3 +120,59 @@ def test_page_renders_rows_and_images_in_chromium(gen, tmp_path, link):
     dark = np.all(np.abs(img - 40) <= 3, axis=-1).sum()
     bright = np.all(np.abs(img - 220) <= 3, axis=-1).sum()
     assert dark > 2000 and bright > 500, (dark, bright)
+
+
+def test_rows_carry_their_dicom_results_and_pacs_study(gen, tmp_path):
+    """Export records (as the sweep appends them) become the rows' SEG/SR paths, status and
+    PACS study URL; the page links a file only when it is in the store."""
+    from pdacscreen.flows.worklist import write_worklist
+    from pdacscreen.io.dicom.export import ExportRecord, append_exports
+
+    root = gen.store.root
+    df = gen.store.read_findings()
+    top = expected(df).iloc[:2]
+    source = "dicomweb+http://pacs.example:8042/dicom-web"
+    records = []
+    for r in top.itertuples():
+        for obj in ("seg", "sr"):
+            rec = ExportRecord(
+                study_instance_uid=r.study_instance_uid,
+                object=obj,
+                action="write",
+                status="written",
+                sop_instance_uid=f"2.25.{len(records) + 1}",
+                path=f"dicom/{r.study_instance_uid}/{obj}-2.25.{len(records) + 1}.dcm",
+                source=source,
+            ).row()
+            records.append({**rec, "model_version": r.model_version, "config_hash": r.config_hash})
+    first = top.iloc[0]
+    sent = [
+        {**rec, "action": "send", "status": "sent"}
+        for rec in records
+        if rec["study_instance_uid"] == first.study_instance_uid
+    ]
+    failed = [
+        {**rec, "action": "send", "status": "failed", "error_code": "source_unauthorized"}
+        for rec in records
+        if rec["study_instance_uid"] != first.study_instance_uid
+    ]
+    store = tmp_path / "store"
+    shutil.copytree(root, store)
+    append_exports(store, records, sweep_id="20250401T000000Z-t")
+    append_exports(store, sent + failed, sweep_id="20250401T000001Z-t")
+    (store / records[0]["path"]).parent.mkdir(parents=True)
+    (store / records[0]["path"]).write_bytes(b"")  # only the first SEG file is in the store
+    rows = flagged_studies(store)
+    by = rows.set_index("study_instance_uid")
+    a, b = by.loc[first.study_instance_uid], by.loc[top.iloc[1].study_instance_uid]
+    assert a.seg_path == records[0]["path"] and a.sr_path == records[1]["path"]
+    assert (a.dicom_export_status, b.dicom_export_status) == ("sent", "failed")
+    assert (
+        a.pacs_study_url == f"http://pacs.example:8042/dicom-web/studies/{first.study_instance_uid}"
+    )
+    assert rows.seg_path.notna().sum() == 2  # the other flagged studies have none
+    html_path, csv_path = write_worklist(rows, tmp_path / "wl", store=store, since=None)
+    page = html_path.read_text()
+    assert page.count("class='seg'") == 1 and page.count("class='sr'") == 0
+    assert page.count("class='pacs'") == 2 and "failed" in page
+    assert "seg_path" in pd.read_csv(csv_path).columns

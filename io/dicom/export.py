@@ -22,29 +22,53 @@ first.
 Both objects say "NOT FOR CLINICAL USE" in SeriesDescription (and the SR in its text).  SOP,
 series UIDs are derived from (study UID, model sha256, config hash) with
 :func:`~pdacscreen.io.dicom.read.derived_uid`, so rewriting or re-sending never duplicates.
+Files are written atomically (a hidden temporary file in the same folder, fsynced, renamed over
+the final name ``seg-<SOPInstanceUID>.dcm``): a rerun overwrites the same file.
+
+The sweep records what became of each object in ``STORE/dicom_exports/`` (:data:`EXPORT_COLUMNS`,
+one Parquet part per batch, appended atomically like the findings): one row per event (``write``:
+``written`` / ``failed`` / ``skipped``; ``send``: ``sent`` / ``failed``), with a stable error code
+and a message free of patient identifiers.  :func:`pending_sends` lists the written objects of a
+DICOMweb source whose last event is not ``sent``: the next run sends them again (same SOP
+Instance UIDs, so the PACS keeps one instance).  :func:`source_headers` reads the source headers
+the writers need (no pixel data) as plain bytes, so they cross process boundaries cheaply.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pydicom
 from pydicom.dataset import Dataset
 
 from pdacscreen.io.dicom.read import derived_uid
 from pdacscreen.io.errors import InputError
+from pdacscreen.io.store import _write_atomic, parquet_files
 
 __all__ = [
+    "EXPORT_COLUMNS",
+    "EXPORT_STATUSES",
     "Algorithm",
+    "ExportRecord",
     "LesionFinding",
     "StudyFinding",
     "NOT_FOR_CLINICAL_USE",
+    "append_exports",
     "export_uids",
+    "headers_to_datasets",
+    "pending_sends",
+    "read_exports",
     "sort_source",
+    "source_headers",
     "write_seg",
     "write_sr",
 ]
@@ -246,10 +270,23 @@ def write_seg(
 
 
 def _save(ds: Dataset, path: Path) -> Path:
+    """Write ``ds`` to ``path`` atomically: hidden temporary file, fsync, rename over ``path``.
+
+    A temporary file of the same object left by a killed writer is removed first (one sweep
+    holds the store's lock, and one actor writes a study's objects).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    ds.save_as(tmp, enforce_file_format=True)
-    tmp.replace(path)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # a killed writer's, same object
+        stale.unlink(missing_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            ds.save_as(f, enforce_file_format=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     log.info("wrote %s %s", ds.Modality, path.name)
     return path
 
@@ -406,3 +443,173 @@ def write_sr(
     )
     sr.SeriesDescription = _description("SR", src[0].get("SeriesDescription"))
     return _save(sr, Path(out_dir) / f"sr-{uids['sr']}.dcm")
+
+
+# -- source headers ------------------------------------------------------------------------------
+
+
+def source_headers(files: Iterable[str | Path], *, series_instance_uid: str) -> tuple[bytes, ...]:
+    """The headers (no pixel data) of the files of one series, each as DICOM file bytes.
+
+    What :func:`write_seg` and :func:`write_sr` need about the source images (UIDs, geometry,
+    patient and study modules), read with ``stop_before_pixels``: a few KB per image instead of
+    the pixels.  Files of other series are left out.
+    """
+    out = []
+    for f in files:
+        ds = pydicom.dcmread(str(f), stop_before_pixels=True)
+        if str(ds.get("SeriesInstanceUID", "")) != series_instance_uid:
+            continue
+        buf = BytesIO()
+        ds.save_as(buf, enforce_file_format=False)
+        out.append(buf.getvalue())
+    return tuple(out)
+
+
+def headers_to_datasets(headers: Iterable[bytes]) -> list[Dataset]:
+    """The datasets of :func:`source_headers`, one series: duplicate SOP Instance UIDs and
+    images at a position already taken are left out (as ``load_series`` drops them)."""
+    seen: set[str] = set()
+    positions: set[tuple[float, ...]] = set()
+    out = []
+    for b in headers:
+        ds = pydicom.dcmread(BytesIO(b))
+        sop = str(ds.get("SOPInstanceUID", ""))
+        pos = tuple(round(float(v), 2) for v in ds.get("ImagePositionPatient") or ())
+        if sop in seen or pos in positions:
+            continue
+        seen.add(sop)
+        positions.add(pos)
+        out.append(ds)
+    return out
+
+
+# -- export records (STORE/dicom_exports/) --------------------------------------------------------
+
+EXPORT_STATUSES = ("written", "sent", "failed", "skipped")
+EXPORT_ACTIONS = ("write", "send")
+EXPORT_OBJECTS = ("seg", "sr")
+_STR = pa.string()
+#: name -> (Arrow type, meaning) of the ``dicom_exports`` table
+EXPORT_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
+    "study_instance_uid": (_STR, "the study (as in findings rows)"),
+    "object": (_STR, "seg (DICOM Segmentation) or sr (Comprehensive 3D SR, TID 1500)"),
+    "action": (_STR, "write (into the store) or send (STOW-RS to the source PACS)"),
+    "status": (_STR, "written, sent, failed or skipped"),
+    "sop_instance_uid": (_STR, "the object's SOP Instance UID (derived: study, model, config)"),
+    "series_instance_uid": (_STR, "the object's Series Instance UID (derived the same way)"),
+    "path": (_STR, "the file, relative to STORE (dicom/<study folder>/<seg|sr>-<UID>.dcm)"),
+    "source": (_STR, "the DICOMweb source the study came from (dicomweb+URL); null for folders"),
+    "error_code": (_STR, "stable error code when failed or skipped"),
+    "message": (_STR, "what went wrong (never patient identifiers)"),
+    "model_version": (_STR, "model version of the findings row the object belongs to"),
+    "config_hash": (_STR, "config hash of that row"),
+    "sweep_id": (_STR, "the sweep that recorded the event"),
+    "recorded_at": (pa.timestamp("us", tz="UTC"), "when (UTC)"),
+}
+EXPORTS_SCHEMA = pa.schema(
+    [pa.field(n, t, metadata={"description": d}) for n, (t, d) in EXPORT_COLUMNS.items()]
+)
+
+
+@dataclass(frozen=True)
+class ExportRecord:
+    """One event of one result object (see :data:`EXPORT_COLUMNS`); plain values only."""
+
+    study_instance_uid: str
+    object: str
+    action: str
+    status: str
+    sop_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    path: str | None = None
+    source: str | None = None
+    error_code: str | None = None
+    message: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, allowed in (
+            ("object", EXPORT_OBJECTS),
+            ("action", EXPORT_ACTIONS),
+            ("status", EXPORT_STATUSES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise InputError(f"{name}={getattr(self, name)!r} is not allowed; use {allowed}")
+        if self.status in ("failed", "skipped") and not self.error_code:
+            raise InputError(f"an export record with status {self.status!r} needs an error_code")
+
+    def row(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def exports_dir(store: Path | str) -> Path:
+    return Path(store) / "dicom_exports"
+
+
+def append_exports(
+    store: Path | str,
+    records: Sequence[ExportRecord | Mapping[str, Any]],
+    *,
+    sweep_id: str,
+    model_version: str | None = None,
+    config_hash: str | None = None,
+) -> Path | None:
+    """Append ``records`` to ``STORE/dicom_exports/`` as one Parquet part, atomically."""
+    if not records:
+        return None
+    now = dt.datetime.now(dt.UTC)
+    rows = []
+    for r in records:
+        row = r.row() if isinstance(r, ExportRecord) else dict(r)
+        row.setdefault("model_version", model_version)
+        row.setdefault("config_hash", config_hash)
+        row.update(sweep_id=sweep_id, recorded_at=row.get("recorded_at") or now)
+        unknown = set(row) - set(EXPORT_COLUMNS)
+        if unknown:
+            raise InputError(f"unknown export column(s) {sorted(unknown)}")
+        rows.append(row)
+    table = pa.Table.from_pylist(rows, schema=EXPORTS_SCHEMA)
+    return _write_atomic(
+        table, exports_dir(store), prefix=f"part-{sweep_id}", metadata={"sweep_id": sweep_id}
+    )
+
+
+def read_exports(store: Path | str):
+    """Every export record as a pandas DataFrame in the order recorded (empty with the columns).
+
+    A part that cannot be read is left out with a warning: the records only steer links and
+    resends, and a resend of an object whose ``sent`` record was lost replaces the same instance.
+    """
+    import pyarrow.parquet as pq
+
+    tables = []
+    for f in parquet_files(exports_dir(store), "*.parquet"):
+        try:
+            tables.append(pq.read_table(f, schema=EXPORTS_SCHEMA))
+        except (pa.ArrowException, OSError) as e:
+            log.warning("export records %s cannot be read (%s); left out", f.name, e)
+    if not tables:
+        return EXPORTS_SCHEMA.empty_table().to_pandas()
+    df = pa.concat_tables(tables).to_pandas()
+    return df.sort_values(["sweep_id", "recorded_at"], kind="stable").reset_index(drop=True)
+
+
+def pending_sends(store: Path | str, *, source: str) -> list[dict[str, Any]]:
+    """Objects written for studies of ``source`` whose last event there is not ``sent``.
+
+    One dict per object (the columns of its last ``written`` record), in the order written;
+    an object whose file is gone from the store is still listed (sending it then fails with a
+    code, so it is seen).
+    """
+    df = read_exports(store)
+    df = df[(df["source"] == source) & df["sop_instance_uid"].notna()]
+    if df.empty:
+        return []
+    out = []
+    for _, events in df.groupby("sop_instance_uid", sort=False):
+        written = events[events["status"] == "written"]
+        if written.empty or events.iloc[-1]["status"] == "sent":
+            continue
+        out.append(written.iloc[-1].to_dict())
+    out.sort(key=lambda r: (r["sweep_id"], r["recorded_at"], r["object"]))
+    return out
