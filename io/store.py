@@ -6,6 +6,8 @@ Layout of ``STORE/`` (a plain folder; any tool that reads Parquet reads it)::
       findings/sweep_date=YYYY-MM-DD/part-<sweep_id>-<seq>.parquet   one row per study and model
       failures/part-<sweep_id>-<seq>.parquet                         one row per failed file/series/study
       evidence/<study folder>/key.png, masks                         written by the sweep
+      dicom/<study folder>/seg-<uid>.dcm, sr-<uid>.dcm               DICOM SEG + SR (the sweep)
+      dicom_exports/part-<sweep_id>-<seq>.parquet                    one row per SEG/SR write or send
       index/**/*.parquet                                             the archive index (ingest)
       quarantine/<findings|failures>/...                             unreadable parts moved aside
       sweeps/<sweep_id>.json                                         run manifests (the sweep)
