@@ -26,7 +26,10 @@ gantry tilt            the step between slices is not along the normal: kept as 
                        coordinates are exact; flag ``gantry_tilt``, ``provenance["tilt_deg"]``
 non-collinear slices   IPPs not on one line: ``GeometryError`` (code ``non_collinear``)
 padding, out of field  PixelPaddingValue(/RangeLimit) and values below -1024 HU -> -1024 HU
-compressed pixels      decoded by pydicom's plugins; unsupported -> UnsupportedTransferSyntaxError
+compressed pixels      JPEG 2000 / HTJ2K by OpenJPEG through imagecodecs (GIL released,
+                       ``threads`` threads), the rest by pydicom's plugins; a frame that fails
+                       to decode: ``DicomReadError`` (``unreadable`` / ``truncated``), as
+                       pydicom names it; unsupported -> UnsupportedTransferSyntaxError
 lossy compression      loaded, flag ``lossy_compression``
 multi-frame, colour    ``UnsupportedImageError``
 bad geometry values    NaN/inf or wrong count in ImagePositionPatient (``bad_position``), an
@@ -43,9 +46,10 @@ another study merged   a slice whose StudyInstanceUID differs from the rest: ref
                        told from the files, so none is dropped silently
 too few slices         fewer than ``min_slices`` (default :data:`MIN_SLICES` = 3) distinct
                        positions: ``TooFewSlicesError`` (``too_few_slices``)
-hung decoder           in the decoder pool (compressed, >= 16 files, ``workers`` > 1): a chunk
-                       over ``DECODE_BUDGET_S`` per file is killed, ``DicomReadError``
-                       (``decode_timeout``); decoding in this process has no budget
+hung decoder           in the decoder pool (RLE / JPEG / JPEG-LS, > 16 files, ``workers`` > 1): a
+                       chunk over ``DECODE_BUDGET_S`` per file is killed, ``DicomReadError``
+                       (``decode_timeout``); decoding in this process (threads included) has no
+                       budget (the sweep's loader timeout kills its task)
 too large              decoded slices, the volume or its resampled grid above
                        :data:`MAX_VOLUME_BYTES` (4 GiB; e.g. one slice at z = 1e12 mm):
                        ``VolumeTooLargeError`` (``volume_too_large``), before allocating it
@@ -53,9 +57,12 @@ too large              decoded slices, the volume or its resampled grid above
 
 Output: ``array`` float32 HU ``(z, y, x)``; ``spacing`` ``(dz, dy, dx)`` mm with ``dz`` the
 distance between slice centres along the normal; ``affine`` maps ``(k, j, i, 1)`` to LPS mm.
-Uncompressed pixels are copied straight from the files in this process; compressed series are
-decoded by a pool of ``workers`` processes (the JPEG / JPEG-LS / JPEG 2000 / RLE decoders hold the
-GIL, measured: two threads are no faster than one).  Only one series is held in memory.
+Headers are read first (no pixels), so only the chosen series' pixels are decoded.  Uncompressed
+pixels are copied straight from the files in this process; JPEG 2000 / HTJ2K frames are decoded
+in ``threads`` threads of this process (imagecodecs' OpenJPEG releases the GIL; the default is the
+CPU grant: 1 in the sweep's 1-CPU loader task); other compressed series by a pool of ``workers``
+processes (the JPEG / JPEG-LS / RLE decoders hold the GIL, measured: two threads are no faster
+than one).  Only one series is held in memory.
 """
 
 from __future__ import annotations
@@ -72,8 +79,14 @@ from pdacscreen.io.dicom.read import (
     _NATIVE,
     AIR_HU,
     DecodedSlice,
+    SliceHeader,
+    available_cpus,
+    decode_slice,
+    decode_slices,
     drop_worker_pool,
+    read_header,
     read_slice,
+    releases_gil,
     to_hu,
     worker_pool,
 )
@@ -298,16 +311,23 @@ def _decode_chunk(paths: list[str], key: bytes) -> list[DecodedSlice]:
     return [read_slice(p, key=key) for p in paths]
 
 
-def _decode_all(files: Sequence[str], *, key: bytes, workers: int) -> list[DecodedSlice]:
-    """Decode every file. Native (uncompressed) pixels are read in this process (a plain copy,
-    cheaper than shipping arrays between processes); compressed ones in ``workers`` processes,
-    because pydicom's JPEG/JPEG-LS/JPEG 2000/RLE decoders hold the GIL (threads do not help)."""
-    first = read_slice(files[0], key=key)
-    rows, cols = first.stored.shape
-    _check_bytes(len(files), rows, cols, f"decoding {len(files)} files", "")
-    rest = list(files[1:])
-    if workers <= 1 or len(rest) < _POOL_MIN_FILES or first.info["transfer_syntax_uid"] in _NATIVE:
-        return [first] + [read_slice(f, key=key) for f in rest]
+def _decode_all(
+    headers: Sequence[SliceHeader], *, key: bytes, workers: int, threads: int
+) -> list[DecodedSlice]:
+    """Decode the files of checked headers, in their order.
+
+    Native (uncompressed) pixels: read in this process (a plain copy, cheaper than shipping
+    arrays between processes).  JPEG 2000 / HTJ2K: ``threads`` threads of this process (the
+    decoder releases the GIL, :func:`releases_gil`).  Other compressed syntaxes: ``workers``
+    processes, because pydicom's JPEG/JPEG-LS/RLE decoders hold the GIL (threads do not help)."""
+    ts = headers[0].info["transfer_syntax_uid"]
+    if ts in _NATIVE:
+        return [decode_slice(h) for h in headers]
+    if releases_gil(ts):
+        return decode_slices(headers, threads=threads)
+    if workers <= 1 or len(headers) <= _POOL_MIN_FILES:
+        return [decode_slice(h) for h in headers]
+    first, rest = decode_slice(headers[0]), [h.path for h in headers[1:]]
     size = max(1, min(16, len(rest) // (4 * workers)))
     chunks = [rest[i : i + size] for i in range(0, len(rest), size)]
     try:
@@ -328,7 +348,7 @@ def _decode_all(files: Sequence[str], *, key: bytes, workers: int) -> list[Decod
     except (OSError, BrokenProcessPool, AssertionError) as e:  # no children allowed here
         log.warning("decoder pool unavailable (%s); decoding in this process", e)
         drop_worker_pool(workers)
-        return [first] + [read_slice(f, key=key) for f in rest]
+        return [first] + [decode_slice(h) for h in headers[1:]]
 
 
 def _dedupe(slices: list[DecodedSlice], flags: list[str]) -> list[DecodedSlice]:
@@ -368,12 +388,18 @@ def load_series(
     on_uneven: str = "resample",
     on_missing_slice: str = "refuse",
     min_slices: int = MIN_SLICES,
+    threads: int | None = None,
 ) -> CTVolume:
     """Load one CT series from its single-frame files into a :class:`CTVolume` in HU.
 
     ``files``: the series' files, any order (other series' files are ignored when
-    ``series_instance_uid`` is given).  ``workers``: decoding processes for compressed series.  ``key``: the pseudonym key
-    (resolved once by the caller: :func:`pdacscreen.io.pseudonym.load_key`).  ``on_uneven``: "resample" | "refuse";
+    ``series_instance_uid`` is given: they are picked by their headers, and only the chosen
+    series' pixels are read).  ``workers``: decoding processes for compressed series whose decoder
+    holds the GIL (RLE, JPEG, JPEG-LS).  ``threads``: decoding threads for JPEG 2000 / HTJ2K (the
+    decoder releases the GIL); ``None``: the CPUs this process may use
+    (:func:`~pdacscreen.io.dicom.read.available_cpus`: a Ray task's CPU grant, else the affinity
+    mask).  ``key``: the pseudonym key (resolved once by the caller:
+    :func:`pdacscreen.io.pseudonym.load_key`).  ``on_uneven``: "resample" | "refuse";
     ``on_missing_slice``: "refuse" | "resample".  ``min_slices``: fewest distinct positions
     accepted (>= 2).  See the module docstring for every case handled or refused, and the typed
     error raised.
@@ -386,17 +412,19 @@ def load_series(
             raise InputError(f"{name}={val!r} is not allowed; use one of {allowed}")
     if workers < 1:
         raise InputError(f"workers must be >= 1, got {workers}")
+    if threads is not None and threads < 1:
+        raise InputError(f"threads must be >= 1 (or None: the CPUs granted), got {threads}")
     if min_slices < 2:
         raise InputError(f"min_slices must be >= 2, got {min_slices}")
     key = check_key(key)
     paths = [str(f) for f in files]
     if not paths:
         raise InputError("files is empty; pass the files of one series")
-    slices = _decode_all(paths, key=key, workers=workers)
-    uids = sorted({s.info["series_instance_uid"] for s in slices})
+    headers = [read_header(p, key=key) for p in paths]  # headers only: no pixel read yet
+    uids = sorted({h.info["series_instance_uid"] for h in headers})
     if series_instance_uid is not None:
-        slices = [s for s in slices if s.info["series_instance_uid"] == series_instance_uid]
-        if not slices:
+        headers = [h for h in headers if h.info["series_instance_uid"] == series_instance_uid]
+        if not headers:
             raise InputError(
                 f"series_instance_uid={series_instance_uid!r} is not among the files' "
                 f"series {uids[:5]}"
@@ -406,8 +434,17 @@ def load_series(
             f"files hold {len(uids)} series ({uids[:5]}); pass series_instance_uid",
             code="mixed_series",
         )
-    series = slices[0].info["series_instance_uid"]
+    series = headers[0].info["series_instance_uid"]
     where = f"series {series}: "
+    rows, cols = headers[0].info["rows"], headers[0].info["columns"]
+    if rows and cols:  # before any pixel is decoded (no Rows/Columns: the decoder refuses)
+        _check_bytes(len(headers), rows, cols, f"decoding {len(headers)} files", "")
+    slices = _decode_all(
+        headers,
+        key=key,
+        workers=workers,
+        threads=available_cpus() if threads is None else threads,
+    )
     _check_consistent(slices, where)
     flags: list[str] = []
     slices = _drop_identical_positions(_dedupe(slices, flags), flags)

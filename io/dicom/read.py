@@ -8,7 +8,11 @@ Entry points, all per file and safe in worker processes or threads:
   "unsupported_transfer_syntax", "multiframe_unsupported", "not_grayscale").  PatientID becomes
   ``patient_key`` (keyed hash) and is never put in the row.
 * :func:`read_slice` reads one single-frame image and returns a :class:`DecodedSlice` (stored
-  values plus the same header fields).  Raises typed errors naming the file.
+  values plus the same header fields).  Raises typed errors naming the file.  It is
+  :func:`read_header` (header only, checked: a :class:`SliceHeader`) then :func:`decode_slice`
+  (pixels), so a caller can pick files by their headers before any pixel is read;
+  :func:`decode_slices` decodes many in threads (up to :func:`available_cpus`, the process's CPU
+  grant), which pays where :func:`releases_gil` (JPEG 2000 and HTJ2K through imagecodecs).
 * :func:`to_hu`: ``stored * RescaleSlope + RescaleIntercept``; PixelPaddingValue (and
   PixelPaddingRangeLimit) and out-of-field values (below -1024 HU, e.g. -2000, -3024) -> -1024 HU.
 * :func:`index_path` / :func:`fs_path`: a file's path as stored in rows (valid UTF-8 text) and
@@ -29,20 +33,25 @@ files: it walks element headers, keeps the ~45 tags pdacscreen uses and skips th
 rest, and knows exactly where the pixel data starts (so truncation is detected).  Anything it does
 not handle (big endian, deflate, no preamble, malformed) goes through ``pydicom.dcmread``; both
 paths give identical rows (tested).  Native (uncompressed) pixels are read straight from the file;
-compressed ones are decoded by pydicom's plugins.
+JPEG 2000 and HTJ2K (.90, .91, .201, .202, .203) frames by OpenJPEG through imagecodecs, which
+releases the GIL (pydicom's plugin, pylibjpeg-openjpeg, holds it and has no threads; it still
+decides every frame imagecodecs declines); other compressed ones by pydicom's plugins.
 """
 
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import math
 import multiprocessing as mp
 import os
 import re
 import struct
+import sys
 import zlib
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +68,7 @@ from pdacscreen.io.dicom.scrub import scrub_text
 from pdacscreen.io.errors import (
     DicomReadError,
     ErrorCode,
+    InputError,
     PdacscreenError,
     PixelFormatError,
     UnsupportedImageError,
@@ -70,12 +80,18 @@ __all__ = [
     "AIR_HU",
     "INDEX_COLUMNS",
     "DecodedSlice",
+    "SliceHeader",
+    "available_cpus",
     "check_decodable",
+    "decode_slice",
+    "decode_slices",
     "derived_uid",
     "fs_path",
     "header_row",
     "index_path",
+    "read_header",
     "read_slice",
+    "releases_gil",
     "to_hu",
 ]
 
@@ -296,7 +312,7 @@ def check_decodable(transfer_syntax_uid: str, *, where: str = "") -> None:
         raise UnsupportedTransferSyntaxError(
             f"{where}transfer syntax {ts} ({name}) cannot be decoded by the installed pydicom "
             "plugins (pylibjpeg, pyjpegls, pillow); allowed: native, deflate, RLE, JPEG "
-            "baseline/extended/lossless, JPEG-LS, JPEG 2000. Transcode the file (e.g. with "
+            "baseline/extended/lossless, JPEG-LS, JPEG 2000, HTJ2K. Transcode the file (e.g. with "
             "gdcmconv or dcmdjpeg) or install a decoder that supports it."
         )
 
@@ -810,52 +826,222 @@ def _rescale(scan: _Scan, where: str) -> tuple[float, float]:
     return slope, intercept
 
 
-def read_slice(path: str | Path, *, key: bytes) -> DecodedSlice:
-    """Read and decode one single-frame image (stored values). Raises typed errors.
+#: JPEG 2000 and HTJ2K (lossless, lossless RPCL, lossy): OpenJPEG decodes them all.
+_J2K_TS = frozenset(
+    {
+        "1.2.840.10008.1.2.4.90",
+        "1.2.840.10008.1.2.4.91",
+        "1.2.840.10008.1.2.4.201",
+        "1.2.840.10008.1.2.4.202",
+        "1.2.840.10008.1.2.4.203",
+    }
+)
+_MAX_ENCAPSULATED = MAX_IMAGE_BYTES + 64 * 1024**2  # larger: left to pydicom (and refused)
 
-    ``path``: a file-system path or a row's path (:func:`index_path`); ``DecodedSlice.path`` is
-    the row form."""
+
+@functools.cache
+def _imagecodecs():
+    """imagecodecs, whose JPEG 2000 codec (OpenJPEG) releases the GIL; None when it is missing."""
+    try:
+        import imagecodecs
+    except ImportError:
+        return None
+    return imagecodecs if imagecodecs.JPEG2K.available else None
+
+
+def releases_gil(transfer_syntax_uid: str) -> bool:
+    """Whether this process decodes the transfer syntax without holding the GIL, so that threads
+    scale (JPEG 2000 and HTJ2K through imagecodecs).  pydicom's plugins hold it (measured: two
+    threads are no faster than one), and pylibjpeg-openjpeg 2.6 has no threads of its own (its
+    OpenJPEG is built without thread support: ``OPJ_NUM_THREADS`` changes nothing)."""
+    return transfer_syntax_uid in _J2K_TS and _imagecodecs() is not None
+
+
+def _one_frame(data: bytes) -> bytes:
+    """The codestream of a single-frame encapsulated Pixel Data value: its items after the Basic
+    Offset Table, joined.  ``ValueError`` when the items do not parse."""
+    off, parts = 0, []
+    while True:
+        if off + 8 > len(data):
+            raise ValueError("no sequence delimiter after the fragments")
+        group, elem, length = struct.unpack_from("<HHI", data, off)
+        off += 8
+        if (group, elem) == (0xFFFE, 0xE0DD):
+            break
+        if (group, elem) != (0xFFFE, 0xE000) or off + length > len(data):
+            raise ValueError(f"bad item ({group:04X},{elem:04X}) of {length} bytes")
+        parts.append(data[off : off + length])
+        off += length
+    if len(parts) < 2:
+        raise ValueError("no fragment after the Basic Offset Table")
+    return parts[1] if len(parts) == 2 else b"".join(parts[1:])
+
+
+def _j2k_pixels(fp, scan: _Scan, info: dict) -> np.ndarray | None:
+    """One JPEG 2000 / HTJ2K frame decoded by OpenJPEG through imagecodecs (the GIL released, no
+    decoder threads: frames are decoded in parallel instead, :func:`decode_slices`).
+
+    ``None`` leaves the frame to pydicom's plugin (pylibjpeg-openjpeg, the same OpenJPEG family,
+    strict in both: equal pixels, the same codestreams refused, tested): imagecodecs missing,
+    items or a codestream it cannot read, or a result other than the ``(Rows, Columns)`` array
+    of the header's pixel format (e.g. a codestream signed unlike PixelRepresentation, which
+    pydicom corrects).  OpenJPH (imagecodecs' HTJ2K codec, twice as fast) is not used: it decodes
+    a truncated codestream without an error.
+    """
+    codec = _imagecodecs()
+    if codec is None or scan.pixel_offset is None or scan.pixel_length != 0xFFFFFFFF:
+        return None
+    alloc = _get(scan, "BitsAllocated", "int")
+    size = os.fstat(fp.fileno()).st_size
+    if alloc not in (8, 16, 32) or size - scan.pixel_offset > _MAX_ENCAPSULATED:
+        return None
+    fp.seek(scan.pixel_offset)
+    try:
+        arr = codec.jpeg2k_decode(_one_frame(fp.read(size - scan.pixel_offset)), numthreads=1)
+    except Exception:  # noqa: BLE001 - pydicom's plugin decides and names the error
+        return None
+    signed = _get(scan, "PixelRepresentation", "int") == 1
+    want = np.dtype(f"{'i' if signed else 'u'}{alloc // 8}")
+    if arr.shape != (info["rows"], info["columns"]) or arr.dtype != want:
+        return None
+    return arr
+
+
+@dataclass(frozen=True)
+class SliceHeader:
+    """A single-frame image's header, read and checked, before any pixel is read.
+
+    ``path``: the row form (:func:`index_path`); ``file``: the file-system path; ``info``: the
+    index-row fields (as :attr:`DecodedSlice.info`); ``slope``/``intercept``: the checked rescale.
+    """
+
+    path: str
+    file: str
+    info: dict
+    slope: float
+    intercept: float
+    scan: _Scan
+
+
+def _typed(where: str, e: BaseException, what: str) -> DicomReadError:
+    """The typed error for an unexpected exception while reading a file."""
+    if isinstance(e, InvalidDicomError):
+        return DicomReadError(f"{where}not a DICOM file: {e}", code="not_dicom")
+    if isinstance(e, EOFError | struct.error):
+        return DicomReadError(f"{where}file ends early: {e}", code="truncated")
+    if isinstance(e, OSError):
+        return DicomReadError(f"{where}{e}")
+    return DicomReadError(f"{where}{what} unreadable: {type(e).__name__}: {e}")
+
+
+def read_header(path: str | Path, *, key: bytes) -> SliceHeader:
+    """Read and check one single-frame image's header; no pixel is read. Raises typed errors
+    (those :func:`read_slice` raises before decoding).  ``path``: either form."""
     real = fs_path(path)
     path = index_path(real)
     where = f"{_text(path)}: "
     try:
         with open(real, "rb") as fp:
             scan = _header(fp, os.fstat(fp.fileno()).st_size)
-            if scan.error is not None:
-                raise DicomReadError(f"{where}{scan.error.replace('_', ' ')}", code=scan.error)
-            info = _info(scan, key=key)
-            _check_image(info, where=where, bits=_get(scan, "BitsAllocated", "int"))
-            check_decodable(scan.ts, where=where)
-            slope, intercept = _rescale(scan, where)
-            native = scan.ts in _NATIVE and scan.pixel_offset is not None
-            stored = _native_pixels(fp, scan, info, where) if native else None
+        if scan.error is not None:
+            raise DicomReadError(f"{where}{scan.error.replace('_', ' ')}", code=scan.error)
+        info = _info(scan, key=key)
+        _check_image(info, where=where, bits=_get(scan, "BitsAllocated", "int"))
+        check_decodable(scan.ts, where=where)
+        slope, intercept = _rescale(scan, where)
     except PdacscreenError:
         raise
-    except InvalidDicomError as e:
-        raise DicomReadError(f"{where}not a DICOM file: {e}", code="not_dicom") from e
-    except (EOFError, struct.error) as e:
-        raise DicomReadError(f"{where}file ends early: {e}", code="truncated") from e
-    except OSError as e:
-        raise DicomReadError(f"{where}{e}") from e
     except Exception as e:  # noqa: BLE001 - malformed headers (deep nesting, bad values ...)
-        raise DicomReadError(f"{where}header unreadable: {type(e).__name__}: {e}") from e
+        raise _typed(where, e, "header") from e
+    return SliceHeader(path, real, info, slope, intercept, scan)
+
+
+def decode_slice(header: SliceHeader) -> DecodedSlice:
+    """Decode the pixels of a :func:`read_header` result (stored values). Raises typed errors.
+
+    Native pixels are read straight from the file, JPEG 2000 / HTJ2K frames by
+    :func:`_j2k_pixels` (GIL released), everything else (and what that declines) by pydicom's
+    plugins.  Safe to call from several threads.
+    """
+    scan, info = header.scan, header.info
+    where = f"{_text(header.path)}: "
+    stored = None
+    try:
+        with open(header.file, "rb") as fp:
+            if scan.ts in _NATIVE and scan.pixel_offset is not None:
+                stored = _native_pixels(fp, scan, info, where)
+            elif scan.ts in _J2K_TS:
+                stored = _j2k_pixels(fp, scan, info)
+    except PdacscreenError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a file changed or cut since its header was read
+        raise _typed(where, e, "pixel data") from e
     if stored is None:
-        stored = _pydicom_pixels(real, where)
+        stored = _pydicom_pixels(header.file, where)
     if stored.shape != (info["rows"], info["columns"]):
         raise PixelFormatError(
             f"{where}decoded image is {stored.shape}, the header says Rows={info['rows']}, "
             f"Columns={info['columns']}"
         )
     return DecodedSlice(
-        path=path,
+        path=header.path,
         stored=stored,
         info=info,
-        slope=slope,
-        intercept=intercept,
+        slope=header.slope,
+        intercept=header.intercept,
         padding_value=_get(scan, "PixelPaddingValue", "int"),
         padding_limit=_get(scan, "PixelPaddingRangeLimit", "int"),
         lossy=info["lossy_image_compression"] == "01" or scan.ts in _LOSSY_TS,
     )
+
+
+def read_slice(path: str | Path, *, key: bytes) -> DecodedSlice:
+    """Read and decode one single-frame image (stored values). Raises typed errors.
+
+    ``path``: a file-system path or a row's path (:func:`index_path`); ``DecodedSlice.path`` is
+    the row form."""
+    return decode_slice(read_header(path, key=key))
+
+
+def decode_slices(headers: Sequence[SliceHeader], *, threads: int) -> list[DecodedSlice]:
+    """Decode ``headers`` in order, in up to ``threads`` threads, one frame per thread at a time.
+
+    Threads pay only where the decoder releases the GIL (:func:`releases_gil`); ``threads`` should
+    not exceed the CPUs granted (:func:`available_cpus`).  The first error in file order is raised;
+    frames not yet started are then cancelled.
+    """
+    if threads < 1:
+        raise InputError(f"threads must be >= 1, got {threads}")
+    if threads == 1 or len(headers) < 2:
+        return [decode_slice(h) for h in headers]
+    with ThreadPoolExecutor(min(threads, len(headers)), thread_name_prefix="decode") as pool:
+        futures = [pool.submit(decode_slice, h) for h in headers]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
+def available_cpus() -> int:
+    """CPUs this process may decode on: the CPU grant of the Ray task or actor it runs in (Ray
+    pins no CPUs, so the affinity mask would overstate a 1-CPU loader), else the CPU affinity
+    mask (``os.sched_getaffinity``: a container's or ``taskset``'s limit)."""
+    ray = sys.modules.get("ray")  # Ray only when it is already loaded: never imported here
+    # and only inside a runtime (a Ray worker, or a driver after ray.init): asked outside one,
+    # get_runtime_context() starts a local Ray (15-20 s)
+    if ray is not None and ray.is_initialized():
+        try:
+            grant = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        except Exception:  # noqa: BLE001 - the driver or no runtime: no grant to respect
+            pass
+        else:
+            return max(1, int(grant or 1))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity masks on this OS
+        return max(1, os.cpu_count() or 1)
 
 
 def to_hu(

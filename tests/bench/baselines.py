@@ -7,6 +7,7 @@ user would run, with no pdacscreen code on the hot path except the engine's gene
 * :func:`torch_eager_predictor`: a stage's network in torch eager mode as a ``predict`` callable
   for :func:`pdacscreen.engine.tiling.sliding_window` (Gaussian blending, no mirroring).
 * :func:`naive_whole_abdomen`: the three chained over one series at the stage-2 fine spacing.
+* :func:`interleaved` / :func:`best_of`: timing against a reference measured in the same run.
 """
 
 from __future__ import annotations
@@ -119,6 +120,19 @@ def naive_whole_abdomen(
         "spacing": spacing,
         "cls": float(np.max(out["cls"])) if "cls" in out else float("nan"),
     }
+
+
+def interleaved(*fns: Callable[[], object], rounds: int = 5) -> tuple[list[float], list[object]]:
+    """Median wall time of each of ``fns`` over ``rounds`` rounds that call them in turn (a load
+    from other processes hits every side alike), and each one's last result."""
+    times: list[list[float]] = [[] for _ in fns]
+    outs: list[object] = [None] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            outs[i] = fn()
+            times[i].append(time.perf_counter() - t0)
+    return [float(np.median(t)) for t in times], outs
 
 
 def best_of(fn: Callable[[], object], repeats: int = 2) -> tuple[float, object]:
