@@ -2,16 +2,21 @@
 
 Each night the archive grows by ``--new`` studies (the phantom generator extends it in place),
 and between nights some files are deleted, some truncated (corrupted) and some duplicated (a
-stray copy of a slice, and one old study re-sent whole under another folder). Then one in-process
-nightly sweep runs (a real Prefect flow, a local Ray runtime), as a long-lived ``serve`` driver
-would run it, and the night is checked:
+stray copy of a slice, and one old study re-sent whole under another folder). Then the nightly
+sweep runs as ``pdacscreen serve`` runs a scheduled flow run: this long-lived process (the
+runner) starts each flow run in a fresh spawned process (as Prefect's runner does with
+``run_flow_in_subprocess`` for a flow it holds in memory), reporting to the runner's Prefect API,
+with its own local Ray runtime, and the night is checked:
 
 * every study of the archive has exactly one findings row for the model (version + config hash);
   no row for a study the archive never held; ``dedupe_check() == 0``;
 * failures accounted for: every truncated file has a ``failures`` row, every ``failed`` findings
   row a study-level one;
-* memory: the driver's RSS after the night, and the peak RSS of the Ray worker processes
-  (descendants of the driver) sampled during the sweep;
+* memory: the runner's RSS after the night (the process that lives all week), the peak RSS of
+  the night's flow process (the sweep's driver) and of the Ray worker processes, sampled during
+  the sweep; ``--in-process`` runs every night's flow in the runner itself instead (a driver kept
+  all week: measured to grow by 20-40 MB a night in native memory while Python's own heap,
+  traced by tracemalloc, grew 4 MB over 6 nights; this is why nights run in fresh processes);
 * store size: findings, failures, index and evidence bytes, and bytes per findings row.
 
 It prints one table row per night and, at the end, the figures scaled to 1,500 studies/night.
@@ -40,12 +45,14 @@ def _du(path: Path) -> int:
 
 
 class _RssSampler:
-    """Peak RSS (bytes) of the driver's descendant processes whose command line names Ray."""
+    """Peak RSS (bytes) of this process's descendants: the largest Ray worker (``ray::`` in its
+    command line) in ``peak``, the night's flow process (``flow_pid``) in ``flow_peak``."""
 
     def __init__(self, every_s: float = 1.0) -> None:
         import psutil
 
-        self.me, self.every, self.peak = psutil.Process(), every_s, 0
+        self.me, self.every, self.peak, self.flow_peak = psutil.Process(), every_s, 0, 0
+        self.flow_pid: int | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -56,7 +63,9 @@ class _RssSampler:
             total_peak = 0
             for p in self.me.children(recursive=True):
                 try:
-                    if "ray::" in " ".join(p.cmdline()[:1]):
+                    if p.pid == self.flow_pid:
+                        self.flow_peak = max(self.flow_peak, p.memory_info().rss)
+                    elif "ray::" in " ".join(p.cmdline()[:1]):
                         total_peak = max(total_peak, p.memory_info().rss)
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
@@ -137,6 +146,37 @@ def _damage(archive: Path, truth: list[dict], night: int, rng: random.Random, do
     return report
 
 
+def _flow_process(params: dict, api_url: str | None) -> None:
+    """The night's flow process (spawned): the sweep against the runner's Prefect API."""
+    if api_url:
+        os.environ["PREFECT_API_URL"] = api_url
+    from pdacscreen.flows.sweep import nightly_sweep
+
+    nightly_sweep(**params)
+
+
+def _night_in_a_fresh_process(params: dict, store_dir: Path, sampler: _RssSampler) -> dict:
+    """Run the night as ``serve``'s runner runs a flow run: in a fresh spawned process that
+    reports to the runner's Prefect API; the summary is read back from the run manifest it wrote
+    (``STORE/sweeps/<sweep_id>.json``)."""
+    import multiprocessing
+
+    from prefect.server.api.server import SubprocessASGIServer
+
+    api_url = os.environ.get("PREFECT_API_URL") or SubprocessASGIServer().api_url
+    before = set((store_dir / "sweeps").glob("*.json"))
+    proc = multiprocessing.get_context("spawn").Process(
+        target=_flow_process, args=(params, api_url)
+    )
+    proc.start()
+    sampler.flow_pid = proc.pid
+    proc.join()
+    if proc.exitcode != 0:
+        raise RuntimeError(f"the night's flow process exited with {proc.exitcode}")
+    (manifest,) = sorted(set((store_dir / "sweeps").glob("*.json")) - before)
+    return json.loads(manifest.read_text())["summary"]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path("work/soak"))
@@ -147,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=13)
     ap.add_argument("--actors", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None, help="also write the table as JSON")
+    ap.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every night's flow in this process (a driver kept all week) instead of a fresh "
+        "spawned process per night as `pdacscreen serve` does",
+    )
     args = ap.parse_args(argv)
 
     work = args.work.resolve()
@@ -189,13 +235,17 @@ def main(argv: list[str] | None = None) -> int:
         damage = _damage(archive, truth, night, rng, done)
         truncated |= {str(Path(p).relative_to(archive / "dicom")) for p in damage["truncated"]}
         t0 = time.perf_counter()
+        params = {
+            "archive": str(archive / "dicom"),
+            "store": str(store_dir),
+            "n_actors": args.actors,
+            "demo_key": True,
+        }
         with _RssSampler() as sampler:
-            summary = nightly_sweep(
-                archive=str(archive / "dicom"),
-                store=str(store_dir),
-                n_actors=args.actors,
-                demo_key=True,
-            )
+            if args.in_process:
+                summary = nightly_sweep(**params)
+            else:
+                summary = _night_in_a_fresh_process(params, store_dir, sampler)
         sweep_s = time.perf_counter() - t0
         df = store.read_findings()
         fails = store.read_failures()
@@ -224,7 +274,16 @@ def main(argv: list[str] | None = None) -> int:
             problems.append(f"night {night}: failed studies without a failures row")
         done |= uids
         sizes = {
-            k: _du(store_dir / k) for k in ("findings", "failures", "index", "evidence", "sweeps")
+            k: _du(store_dir / k)
+            for k in (
+                "findings",
+                "failures",
+                "index",
+                "evidence",
+                "dicom",
+                "dicom_exports",
+                "sweeps",
+            )
         }
         rows.append(
             {
@@ -244,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
                 "gen_s": round(gen_s, 1),
                 "sweep_s": round(sweep_s, 1),
                 "driver_rss_mb": round(me.memory_info().rss / 2**20, 1),
+                "flow_peak_rss_mb": round(sampler.flow_peak / 2**20, 1),
                 "worker_peak_rss_mb": round(sampler.peak / 2**20, 1),
                 **{f"{k}_kb": round(v / 1024, 1) for k, v in sizes.items()},
                 "bytes_per_row": round((sizes["findings"]) / max(1, len(df))),
@@ -255,7 +315,10 @@ def main(argv: list[str] | None = None) -> int:
         print(table.to_string())
     if len(rows) >= 2:
         first, last = rows[1], rows[-1]  # night 2 (warm) to the last night
-        for k in ("driver_rss_mb", "worker_peak_rss_mb"):
+        keys = ["driver_rss_mb", "worker_peak_rss_mb"] + (
+            [] if args.in_process else ["flow_peak_rss_mb"]
+        )
+        for k in keys:
             growth = (last[k] - first[k]) / max(first[k], 1e-9)
             print(
                 f"{k}: night 2 {first[k]} MB -> night {last['night']} {last[k]} MB ({growth:+.1%})"
@@ -267,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         disk = {
             k: (last[f"{k}_kb"] * 1024) / max(1, last["studies"])
-            for k in ("findings", "failures", "index", "evidence")
+            for k in ("findings", "failures", "index", "evidence", "dicom", "dicom_exports")
         }
         print(
             f"scaled to 1,500 studies/night at matrix {args.matrix} on this machine "

@@ -8,6 +8,7 @@ Layout of ``STORE/`` (a plain folder; any tool that reads Parquet reads it)::
       evidence/<study folder>/key.png, masks                         written by the sweep
       dicom/<study folder>/seg-<uid>.dcm, sr-<uid>.dcm               DICOM SEG + SR (the sweep)
       dicom_exports/part-<sweep_id>-<seq>.parquet                    one row per SEG/SR write or send
+      cache/<study>-<pid>/                                           DICOMweb series being loaded
       index/**/*.parquet                                             the archive index (ingest)
       quarantine/<findings|failures>/...                             unreadable parts moved aside
       sweeps/<sweep_id>.json                                         run manifests (the sweep)
@@ -60,6 +61,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -610,11 +612,22 @@ class FindingsStore:
             os.close(fd)  # releases the flock
 
     def _remove_temp_files(self) -> None:
-        """Remove temp files of killed writers (only called with the lock held)."""
+        """Remove what killed writers left (only called with the lock held): temporary parts in
+        ``findings/``, ``failures/`` and ``dicom_exports/``, and ``cache/`` (DICOMweb series
+        retrieved for a study that a killed sweep never finished; only a sweep holding this
+        lock uses it)."""
         removed = 0
-        for folder in (self.findings_dir, self.failures_dir):
+        for folder in (self.findings_dir, self.failures_dir, self.root / "dicom_exports"):
             for f in folder.rglob(".*.tmp-*") if folder.is_dir() else ():
                 f.unlink(missing_ok=True)
+                removed += 1
+        cache = self.root / "cache"
+        if cache.is_dir():
+            for d in list(cache.iterdir()):
+                if d.is_dir():
+                    shutil.rmtree(d, ignore_errors=True)
+                else:
+                    d.unlink(missing_ok=True)
                 removed += 1
         if removed:
             log.info("removed %d temporary file(s) left by an interrupted writer", removed)

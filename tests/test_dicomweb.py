@@ -8,8 +8,13 @@ request and can cut a response short (truncated multipart) or answer 503.
 from __future__ import annotations
 
 import http.server
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -34,6 +39,7 @@ from pdacscreen.io.dicomweb import (
 from pdacscreen.io.errors import ErrorCode, InputError, SourceError
 from pdacscreen.io.pseudonym import DEMO_KEY
 from pdacscreen.io.select import select_series
+from pdacscreen.io.store import FindingsStore
 
 pytestmark = pytest.mark.timeout(600)
 COMPARED = [
@@ -399,3 +405,40 @@ def test_sweep_with_the_source_down_is_a_failures_row(tmp_path, prefect_server, 
     assert summary["processed"] == 0
     fails = FindingsStore(tmp_path / "s").read_failures()
     assert fails["error_code"].tolist() == ["source_unavailable"]
+
+
+@pytest.mark.slow
+def test_kill_9_mid_dicomweb_sweep_then_rerun_is_exactly_once(pacs, archive, tmp_path):
+    """The CLI sweeping Orthanc is SIGKILLed after its first findings batch; the rerun processes
+    the rest: every study once, the first rows kept, no cache or temporary part left behind."""
+    out, _ = archive
+    truth = pd.read_parquet(out / "truth.parquet")
+    store = tmp_path / "store"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env |= {"PDACSCREEN_DICOMWEB_USER": pacs.user, "PDACSCREEN_DICOMWEB_PASSWORD": pacs.password}
+    cmd = [sys.executable, "-m", "pdacscreen.flows.cli", "sweep", pacs.source, "--store"]
+    cmd += [str(store), "--flush-every", "1", "--actors", "1", "--demo-key"]
+    proc = subprocess.Popen(
+        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 400
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (store / "findings").is_dir() and any((store / "findings").rglob("*.parquet")):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "sweep ended before the kill: " + proc.stderr.read().decode()
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    before = FindingsStore(store).read_findings()
+    assert 0 < len(before) < len(truth)
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    after = FindingsStore(store).read_findings()
+    assert sorted(after["study_instance_uid"]) == sorted(truth["study_instance_uid"])
+    assert FindingsStore(store).dedupe_check() == 0
+    kept = after.set_index("study_instance_uid").loc[before["study_instance_uid"], "sweep_id"]
+    assert list(kept) == list(before["sweep_id"])
+    assert not (store / "cache").exists() or not any((store / "cache").iterdir())
+    assert not [p for p in store.rglob(".*.tmp-*")]
