@@ -62,12 +62,15 @@ class LoadedStudy:
     ``headers``: the series' DICOM headers without pixel data, as file bytes
     (:func:`pdacscreen.io.dicom.export.source_headers`), read when the sweep writes DICOM
     results (the SEG and SR reference the source images); empty otherwise.
+    ``patient_height_m``: PatientSize of the series' first file, when present: only for the
+    skeletal muscle index; it is never written anywhere.
     """
 
     volume: CTVolume
     phase: PhaseMeasure
     load_s: float
     headers: tuple[bytes, ...] = ()
+    patient_height_m: float | None = None
 
 
 @dataclass(frozen=True)

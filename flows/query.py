@@ -86,6 +86,7 @@ _TIMELINE_OPTIONAL = {  # columns the timeline shows when the store has them (ol
     "visceral_fat_area_cm2": "DOUBLE",
     "subcutaneous_fat_area_cm2": "DOUBLE",
     "muscle_mean_hu": "DOUBLE",
+    "skeletal_muscle_index_cm2_m2": "DOUBLE",
     "bodycomp_qc": "VARCHAR",
 }
 FORMATS = ("table", "csv", "parquet")
@@ -246,7 +247,8 @@ def timeline_views(
                accession_key, status, pdac_probability, pdac_flag, lesion_count,
                lesion_diameter_mm, pancreas_volume_ml, duct_diameter_mm,
                skeletal_muscle_area_cm2, visceral_fat_area_cm2, subcutaneous_fat_area_cm2,
-               muscle_mean_hu, bodycomp_qc, {days} AS days_since_previous,
+               muscle_mean_hu, skeletal_muscle_index_cm2_m2, bodycomp_qc,
+               {days} AS days_since_previous,
                CASE WHEN {days} > 0 AND prev_volume > 0 THEN
                    100 * (pancreas_volume_ml / prev_volume - 1) * 365.25 / {days}
                END AS pancreas_volume_change_pct_per_year,

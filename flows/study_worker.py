@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pydicom
 
 from pdacscreen.engine.evidence import (
     SliceGeometry,
@@ -50,6 +51,7 @@ from pdacscreen.io.dicom.export import (
     write_seg,
     write_sr,
 )
+from pdacscreen.io.dicom.read import fs_path
 from pdacscreen.io.errors import ErrorCode, PdacscreenError
 from pdacscreen.io.volume import load_series
 from pdacscreen.kernels.bodycomp import body_composition
@@ -96,7 +98,36 @@ def load_study(task: StudyTask, config: SweepConfig) -> LoadedStudy | SkippedStu
         except Exception as e:  # noqa: BLE001 - no headers: the export is skipped, with a code
             log.warning("source headers not read (%s): no DICOM results", type(e).__name__)
         load_s += time.perf_counter() - t1
-    return LoadedStudy(volume=volume, phase=phase, load_s=load_s, headers=headers)
+    return LoadedStudy(
+        volume=volume,
+        phase=phase,
+        load_s=load_s,
+        headers=headers,
+        patient_height_m=patient_height_m(task.files, volume.series_instance_uid),
+    )
+
+
+def patient_height_m(files, series_instance_uid: str) -> float | None:
+    """PatientSize (metres) from the header of the first file of the series, or None when it
+    is absent, unreadable or not a number (one small header read; the value is only used for
+    the skeletal muscle index and never stored)."""
+    for f in files:
+        try:
+            ds = pydicom.dcmread(
+                fs_path(f),
+                stop_before_pixels=True,
+                specific_tags=["SeriesInstanceUID", "PatientSize"],
+            )
+        except Exception:  # noqa: BLE001 - an unreadable file: try the next one
+            continue
+        if series_instance_uid and str(ds.get("SeriesInstanceUID", "")) != series_instance_uid:
+            continue
+        try:
+            value = float(ds.get("PatientSize") or "nan")
+        except (TypeError, ValueError):
+            return None
+        return value if np.isfinite(value) and value > 0 else None
+    return None
 
 
 _SAFE = re.compile(r"[^0-9A-Za-z._-]")
@@ -133,10 +164,10 @@ def _node_name() -> str:
     return host
 
 
-def _body_composition(volume) -> dict:
+def _body_composition(volume, height_m: float | None = None) -> dict:
     """The L3 body-composition columns of a loaded series (a QC reason, never an exception)."""
     try:
-        return body_composition(volume, backend="numpy").row()
+        return body_composition(volume, backend="numpy").row(height_m)
     except (PdacscreenError, ValueError) as e:
         log.debug("body composition not measured: %s", e)
         return {"bodycomp_qc": "not_measured"}
@@ -326,6 +357,6 @@ class EngineActor:
             duration_s=loaded.load_s + (time.perf_counter() - t0),
             timings=timings,
             node=self.node,
-            measures=_body_composition(volume),
+            measures=_body_composition(volume, loaded.patient_height_m),
             exports=exports,
         )

@@ -178,6 +178,11 @@ FINDINGS_COLUMNS: dict[str, tuple[pa.DataType, bool, str]] = {
     "visceral_fat_area_cm2": (_F64, True, "visceral fat area at L3 (-190..-30 HU), cm2"),
     "subcutaneous_fat_area_cm2": (_F64, True, "subcutaneous fat area at L3 (-190..-30 HU), cm2"),
     "muscle_mean_hu": (_F64, True, "mean HU of the L3 muscle mask (myosteatosis: lower: fattier)"),
+    "skeletal_muscle_index_cm2_m2": (
+        _F64,
+        True,
+        "L3 muscle area / height^2 (cm2/m2) when PatientSize is present; the height is not stored",
+    ),
     "bodycomp_qc": (
         _STR,
         True,

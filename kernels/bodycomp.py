@@ -48,6 +48,7 @@ __all__ = [
     "BodyComposition",
     "body_composition",
     "body_composition_slice",
+    "skeletal_muscle_index",
 ]
 
 MUSCLE_HU = (-29.0, 150.0)  # Mitsiopoulos 1998, Prado 2008
@@ -73,8 +74,11 @@ BODYCOMP_COLUMNS = (
     "visceral_fat_area_cm2",
     "subcutaneous_fat_area_cm2",
     "muscle_mean_hu",
+    "skeletal_muscle_index_cm2_m2",
     "bodycomp_qc",
 )
+#: plausible adult heights (m) for the skeletal muscle index; a PatientSize outside is ignored
+HEIGHT_RANGE_M = (1.2, 2.3)
 
 
 @dataclass(frozen=True)
@@ -96,8 +100,12 @@ class BodyComposition:
     muscle_mean_hu: float
     qc: str = ""
 
-    def row(self) -> dict:
-        """The findings columns (``l3_slice_z_mm`` ... ``bodycomp_qc``) as a plain dict."""
+    def row(self, height_m: float | None = None) -> dict:
+        """The findings columns (``l3_slice_z_mm`` ... ``bodycomp_qc``) as a plain dict.
+
+        ``height_m`` (DICOM PatientSize, metres; often absent) gives the skeletal muscle index
+        (:func:`skeletal_muscle_index`); the height itself is never a column.
+        """
 
         def num(v: float) -> float | None:
             return round(float(v), 2) if np.isfinite(v) else None
@@ -108,9 +116,21 @@ class BodyComposition:
             num(self.visceral_fat_area_cm2),
             num(self.subcutaneous_fat_area_cm2),
             num(self.muscle_mean_hu),
+            num(skeletal_muscle_index(self.skeletal_muscle_area_cm2, height_m)),
             self.qc or None,
         )
         return dict(zip(BODYCOMP_COLUMNS, values, strict=True))
+
+
+def skeletal_muscle_index(area_cm2: float, height_m: float | None) -> float:
+    """L3 skeletal muscle index, cm2/m2: muscle area over height squared (Prado 2008, whose
+    sarcopenia cut-offs are 52.4 for men and 38.5 for women). NaN without a plausible height
+    (:data:`HEIGHT_RANGE_M`) or area."""
+    if height_m is None or not np.isfinite(height_m) or not np.isfinite(area_cm2):
+        return float("nan")
+    if not HEIGHT_RANGE_M[0] <= height_m <= HEIGHT_RANGE_M[1]:
+        return float("nan")
+    return float(area_cm2) / float(height_m) ** 2
 
 
 def _empty(shape, qc: str, k: int = -1, z: float = float("nan")) -> BodyComposition:

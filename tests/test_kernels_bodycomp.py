@@ -72,6 +72,7 @@ def test_areas_at_l3_within_five_percent_of_truth(subject):
         "visceral_fat_area_cm2",
         "subcutaneous_fat_area_cm2",
         "muscle_mean_hu",
+        "skeletal_muscle_index_cm2_m2",
         "bodycomp_qc",
     }
 
@@ -164,3 +165,46 @@ def test_follow_up_keeps_the_anatomy_and_changes_what_it_says():
     assert np.array_equal(same.noncontrast, plain.noncontrast)
     with pytest.raises(Exception, match="lesion_scale"):
         Visit(lesion_scale=-1.0)
+
+
+def test_skeletal_muscle_index_needs_a_plausible_height():
+    from pdacscreen.kernels.bodycomp import HEIGHT_RANGE_M, skeletal_muscle_index
+
+    assert skeletal_muscle_index(150.0, 1.75) == pytest.approx(150.0 / 1.75**2)
+    for bad in (None, float("nan"), 0.0, 175.0, HEIGHT_RANGE_M[0] - 0.01):  # 175: cm, not m
+        assert np.isnan(skeletal_muscle_index(150.0, bad))
+    assert np.isnan(skeletal_muscle_index(float("nan"), 1.75))
+
+
+def test_height_from_the_header_gives_the_index_and_is_not_a_column(tmp_path, subject):
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from pdacscreen.flows.study_worker import patient_height_m
+    from pdacscreen.kernels.bodycomp import BODYCOMP_COLUMNS
+
+    def header(name: str, size) -> str:
+        ds = pydicom.Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", generate_uid()
+        ds.SeriesInstanceUID = "1.2.3"
+        if size is not None:
+            ds.PatientSize = size
+        path = tmp_path / name
+        ds.save_as(path, enforce_file_format=True)
+        return str(path)
+
+    assert patient_height_m([tmp_path / "missing.dcm", header("a.dcm", "1.68")], "1.2.3") == 1.68
+    assert patient_height_m([header("b.dcm", None)], "1.2.3") is None
+    assert patient_height_m([header("c.dcm", "0")], "1.2.3") is None
+    bc = body_composition(_volume(subject), backend="numpy")
+    row = bc.row(1.68)
+    assert set(row) == set(BODYCOMP_COLUMNS) and not any("height" in c for c in row)
+    assert row["skeletal_muscle_index_cm2_m2"] == pytest.approx(
+        bc.skeletal_muscle_area_cm2 / 1.68**2, abs=0.01
+    )
+    assert bc.row()["skeletal_muscle_index_cm2_m2"] is None

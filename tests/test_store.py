@@ -78,6 +78,7 @@ def test_schema_has_the_documented_columns_and_types():
         "visceral_fat_area_cm2",
         "subcutaneous_fat_area_cm2",
         "muscle_mean_hu",
+        "skeletal_muscle_index_cm2_m2",
         "bodycomp_qc",
     }
     types = {f.name: f.type for f in FINDINGS_SCHEMA}
