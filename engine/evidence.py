@@ -6,7 +6,10 @@
   (shape and affine of the series, via :func:`pdacscreen.io.types.nifti_affine`; data stored
   ``(x, y, z)`` as NIfTI expects), resampled from the stage-2 crop by nearest neighbour;
 * ``key.png``: the axial slice through the largest lesion (else the pancreas centre), window
-  W400/L40, lesion probability as a red overlay, pancreas outline in green, and a caption.
+  W400/L40, lesion probability as a red overlay, pancreas outline in green, and a caption;
+* ``bodycomp.png`` (:func:`write_bodycomp_image`, when body composition was measured): the L3
+  slice with the skeletal muscle (red), visceral fat (yellow) and subcutaneous fat (cyan) masks
+  and their areas.
 
 Outputs are deterministic (no timestamps; same inputs give the same bytes).
 
@@ -280,3 +283,49 @@ def write_evidence(
             f"could not write key image in {out_dir}: {e}", code="evidence_write_failed"
         ) from e
     return out_dir
+
+
+#: overlay colours of the body-composition image: muscle, visceral fat, subcutaneous fat
+BODYCOMP_COLOURS = ((230.0, 40.0, 40.0), (240.0, 220.0, 40.0), (40.0, 200.0, 230.0))
+
+
+def write_bodycomp_image(volume: CTVolume, bc, out_dir: Path) -> Path:
+    """``bodycomp.png``: the measured L3 slice (W400/L40) with the muscle, visceral and
+    subcutaneous fat masks of ``bc`` (a :class:`pdacscreen.kernels.bodycomp.BodyComposition`) at
+    50% opacity and a caption with the areas. Deterministic bytes; returns the file's path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    k = int(np.clip(bc.slice_index, 0, volume.shape[0] - 1))
+    level, width = WINDOW
+    hu = np.asarray(volume.array[k], dtype=np.float32)
+    rgb = np.repeat(
+        (np.clip((hu - (level - width / 2)) / width, 0.0, 1.0) * 255.0)[..., None], 3, 2
+    )
+    for mask, colour in zip(
+        (bc.muscle, bc.visceral_fat, bc.subcutaneous_fat), BODYCOMP_COLOURS, strict=True
+    ):
+        m = np.asarray(mask, dtype=bool)
+        rgb[m] = rgb[m] * 0.5 + np.array(colour) * 0.5
+    image = Image.fromarray(np.round(rgb).astype(np.uint8), mode="RGB")
+    if max(image.size) < 512:
+        f = int(np.ceil(512 / max(image.size)))
+        image = image.resize((image.width * f, image.height * f), Image.NEAREST)
+    text = (
+        f"L3 slice z={bc.z_mm:.1f} mm   muscle (red) {bc.skeletal_muscle_area_cm2:.1f} cm2, "
+        f"{bc.muscle_mean_hu:.0f} HU   visceral fat (yellow) {bc.visceral_fat_area_cm2:.1f} cm2"
+        f"   subcutaneous fat (cyan) {bc.subcutaneous_fat_area_cm2:.1f} cm2\n"
+        "pdacscreen body composition (HU thresholds -29..150 / -190..-30); research use, "
+        "not a clinical device" + (f"; QC: {bc.qc}" if bc.qc else "")
+    )
+    canvas = Image.new("RGB", (max(image.width, 760), image.height + 38), (0, 0, 0))
+    canvas.paste(image, (0, 0))
+    ImageDraw.Draw(canvas).multiline_text((6, image.height + 5), text, fill=(255, 255, 255))
+    path = out_dir / "bodycomp.png"
+    try:
+        canvas.save(path, format="PNG", optimize=False)
+    except OSError as e:
+        raise EngineError(
+            f"could not write body composition image in {out_dir}: {e}",
+            code="evidence_write_failed",
+        ) from e
+    return path

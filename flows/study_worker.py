@@ -33,6 +33,7 @@ from pdacscreen.engine.evidence import (
     SliceGeometry,
     lesion_components,
     masks_on_slices,
+    write_bodycomp_image,
     write_evidence,
 )
 from pdacscreen.engine.inference import Detector, StudyResult
@@ -164,13 +165,15 @@ def _node_name() -> str:
     return host
 
 
-def _body_composition(volume, height_m: float | None = None) -> dict:
-    """The L3 body-composition columns of a loaded series (a QC reason, never an exception)."""
+def _body_composition(volume, height_m: float | None = None):
+    """The L3 body composition of a loaded series and its findings columns: ``(bc, row)``;
+    ``bc`` is None when it could not be measured (the row then says why, never an exception)."""
     try:
-        return body_composition(volume, backend="numpy").row(height_m)
+        bc = body_composition(volume, backend="numpy")
     except (PdacscreenError, ValueError) as e:
         log.debug("body composition not measured: %s", e)
-        return {"bodycomp_qc": "not_measured"}
+        return None, {"bodycomp_qc": "not_measured"}
+    return bc, bc.row(height_m)
 
 
 def _geometry(src) -> SliceGeometry:
@@ -325,9 +328,12 @@ class EngineActor:
             result = self.detector.detect(volume)
             flagged = bool(result.pdac_flag) and result.pdac_probability == result.pdac_probability
             evidence = None
+            bc, measures = _body_composition(volume, loaded.patient_height_m)
             if flagged:
                 folder = self.evidence_root / evidence_folder_name(key)
                 write_evidence(result, volume, folder)
+                if bc is not None and np.isfinite(bc.skeletal_muscle_area_cm2):
+                    write_bodycomp_image(volume, bc, folder)
                 evidence = str(Path("evidence") / folder.name)
         except PdacscreenError as e:
             return StudyOutcome.failed(e.code, str(e), stage="inference")
@@ -357,6 +363,6 @@ class EngineActor:
             duration_s=loaded.load_s + (time.perf_counter() - t0),
             timings=timings,
             node=self.node,
-            measures=_body_composition(volume, loaded.patient_height_m),
+            measures=measures,
             exports=exports,
         )

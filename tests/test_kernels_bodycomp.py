@@ -208,3 +208,23 @@ def test_height_from_the_header_gives_the_index_and_is_not_a_column(tmp_path, su
         bc.skeletal_muscle_area_cm2 / 1.68**2, abs=0.01
     )
     assert bc.row()["skeletal_muscle_index_cm2_m2"] is None
+
+
+def test_bodycomp_evidence_image_shows_the_masks(tmp_path, subject):
+    from PIL import Image
+
+    from pdacscreen.engine.evidence import BODYCOMP_COLOURS, write_bodycomp_image
+
+    vol = _volume(subject)
+    bc = body_composition(vol, backend="numpy")
+    path = write_bodycomp_image(vol, bc, tmp_path / "a")
+    again = write_bodycomp_image(vol, bc, tmp_path / "b")
+    assert path.name == "bodycomp.png" and path.read_bytes() == again.read_bytes()
+    img = np.asarray(Image.open(path).convert("RGB")).astype(float)
+    f = img.shape[1] // vol.shape[2] if img.shape[1] >= 2 * vol.shape[2] else 1
+    for mask, colour in zip((bc.muscle, bc.subcutaneous_fat), BODYCOMP_COLOURS[::2], strict=True):
+        ys, xs = np.nonzero(mask)
+        px = img[ys * f, xs * f]
+        # blended half with the colour: the colour's dominant channel is lifted everywhere
+        c = int(np.argmax(colour))
+        assert (px[:, c] >= 0.5 * colour[c] - 1).all()
