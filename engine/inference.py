@@ -10,7 +10,13 @@ Per study (``detect``):
    box is capped by ``max_box_mm`` so memory and window count are bounded for any scan size);
 3. stage 2: the detector by sliding window with Gaussian blending -> pancreas / lesion
    probabilities and the study-level PDAC probability (max of the classification head over windows);
-4. postprocessing: organ mask, lesion candidates, measurements, location, QC flags.
+4. crop check: when the stage-2 gland reaches a crop face that lies inside the scan, the gland
+   goes on outside the crop; the crop is grown on those sides and stage 2 runs once more
+   (:class:`~pdacscreen.engine.postprocess.LocalisationQC`); a localisation that looks partial
+   (the crop had to grow, the gland still at the crop's face, a gland too short, or stage-1 mass
+   outside the chosen component) is flagged ``partial_localisation`` with the measured reason in
+   ``diagnostics["qc_reasons"]``; a study without the flag has the plain two-stage result;
+5. postprocessing: organ mask, lesion candidates, measurements, location, QC flags.
 
 The model input is built only in :mod:`pdacscreen.engine.preprocess` (training uses the same
 functions); all array math runs through :mod:`pdacscreen.kernels` (NumPy here, CuPy on a GPU).
@@ -31,16 +37,21 @@ from pdacscreen.engine.config import EngineConfig
 from pdacscreen.engine.errors import EngineInputError, InferenceError
 from pdacscreen.engine.package import ModelPackage, StageSpec
 from pdacscreen.engine.postprocess import (
+    LocalisationQC,
+    crop_faces_touched,
+    gland_length_mm,
+    grow_box,
     lesion_candidates,
     localise,
     organ_mask,
     pancreas_scores,
+    partial_localisation,
     softmax,
 )
 from pdacscreen.engine.preprocess import coarse_grid, fine_crop, model_input
 from pdacscreen.engine.tiling import sliding_window
 from pdacscreen.io.errors import PdacscreenError
-from pdacscreen.io.types import CTVolume
+from pdacscreen.io.types import CTVolume, voxel_to_world
 from pdacscreen.kernels import noise_hu, to_host
 
 __all__ = ["Detector", "StudyResult", "StudyMasks", "FINDINGS_COLUMNS"]
@@ -125,6 +136,10 @@ class _Job:
     crop_hu: np.ndarray | None = None
     crop_affine: np.ndarray | None = None
     crop_input: np.ndarray | None = None
+    crop_box: tuple | None = None
+    stage2_probs: np.ndarray | None = None
+    organ: np.ndarray | None = None
+    open_faces: dict = field(default_factory=dict)
     qc: list = field(default_factory=list)
 
 
@@ -139,6 +154,8 @@ class Detector:
         batch_size: windows per network call, when no config.
         kernel_backend: ``"auto" | "numpy" | "cupy"`` for pre/postprocessing kernels.
         threads: intra-op threads for ONNX Runtime (None: its default).
+        localisation_qc: the ``partial_localisation`` check and crop growth
+            (:class:`~pdacscreen.engine.postprocess.LocalisationQC`; None: its defaults).
     """
 
     def __init__(
@@ -150,7 +167,9 @@ class Detector:
         batch_size: int = 4,
         kernel_backend: str = "auto",
         threads: int | None = None,
+        localisation_qc: LocalisationQC | None = None,
     ) -> None:
+        self.localisation_qc = localisation_qc or LocalisationQC()
         if config is not None:
             config = config.resolve(gpu=cuda_available())
             backend, batch_size = config.backend_name(), config.batch
@@ -190,6 +209,7 @@ class Detector:
             self._guard(job, self._prepare_stage2)
             if job.crop_input is not None:
                 self._guard(job, lambda j: self._run_stage(j, "stage2"))
+                self._guard(job, self._check_crop)
             return self._guard(job, self._finish)
         finally:  # free the big intermediates promptly
             job.coarse_input = job.crop_input = None
@@ -242,19 +262,83 @@ class Detector:
             job.qc.append("pancreas_cut_by_fov")
         if loc.confidence < post.localisation_confidence_min:
             job.qc.append("low_localisation_confidence")
+        self._crop(job, (loc.box_min, loc.box_max))
+        job.timings["crop"] = time.perf_counter() - t0
+
+    def _crop(self, job: _Job, box) -> None:
+        """Stage 2's input: the world box ``(min, max)`` (x, y, z) mm at the stage-2 spacing."""
         crop, job.crop_affine = fine_crop(
             job.volume.array,
             job.volume.affine,
-            (loc.box_min, loc.box_max),
-            st2.spacing_mm,
+            box,
+            self.package.stage2.spacing_mm,
             backend=self.kernel_backend,
         )
+        job.crop_box = (tuple(box[0]), tuple(box[1]))
         job.crop_hu = np.asarray(to_host(crop), dtype=np.float32)
         job.crop_input = model_input(
             job.crop_hu, self.package.preprocessing, backend=self.kernel_backend
         )
         job.diagnostics["crop_shape"] = tuple(int(s) for s in job.crop_hu.shape)
-        job.timings["crop"] = time.perf_counter() - t0
+
+    def _segment(self, job: _Job) -> None:
+        """Stage-2 probabilities, gland mask and the crop faces it reaches inside the scan."""
+        post = self.package.postprocessing
+        job.stage2_probs = softmax(job.diagnostics.pop("stage2_logits"))
+        job.organ = organ_mask(
+            job.stage2_probs[1] + job.stage2_probs[2],
+            job.crop_affine,
+            threshold=post.pancreas_threshold,
+        )
+        touched = crop_faces_touched(
+            job.organ, job.crop_affine, min_voxels=self.localisation_qc.min_touch_voxels
+        )
+        smin, smax = _scan_bounds(job.volume)
+        lo, hi = job.crop_box
+        tol = 1e-3
+        job.open_faces = {
+            f: n
+            for f, n in touched.items()
+            if (f[1] == "-" and lo["xyz".index(f[0])] > smin["xyz".index(f[0])] + tol)
+            or (f[1] == "+" and hi["xyz".index(f[0])] < smax["xyz".index(f[0])] - tol)
+        }
+
+    def _check_crop(self, job: _Job) -> None:
+        """Grow the crop once where the stage-2 gland reaches a face inside the scan, rerun stage 2.
+
+        Studies whose gland reaches no such face are untouched (same probabilities as without
+        the check)."""
+        self._segment(job)
+        qc = self.localisation_qc
+        job.diagnostics["crop_faces_first"] = dict(job.open_faces)
+        job.diagnostics["crop_enlarged"] = False
+        if not (job.open_faces and qc.grow):
+            return
+        smin, smax = _scan_bounds(job.volume)
+        grown = grow_box(
+            *job.crop_box,
+            tuple(job.open_faces),
+            scan_min=smin,
+            scan_max=smax,
+            grow_mm=qc.grow_mm,
+            max_box_mm=self.package.stage2.max_box_mm,
+        )
+        if grown is None:
+            return
+        t0 = time.perf_counter()
+        first = job.timings.get("stage2", 0.0)
+        job.diagnostics["cls_probability_first"] = 1.0 / (
+            1.0 + math.exp(-job.diagnostics["cls_logit"])
+        )
+        job.diagnostics["crop_box_first_min_mm"], job.diagnostics["crop_box_first_max_mm"] = (
+            job.crop_box
+        )
+        self._crop(job, grown)
+        self._run_stage(job, "stage2")
+        self._segment(job)
+        job.diagnostics["crop_enlarged"] = True
+        job.timings["stage2"] = first + job.timings["stage2"]  # both runs
+        job.timings["stage2_enlarged"] = time.perf_counter() - t0  # crop + run + masks, again
 
     def _run_stage(self, job: _Job, name: str) -> None:
         """The stage's network over its input, window by window (:func:`tiling.sliding_window`)."""
@@ -302,7 +386,7 @@ class Detector:
         except PdacscreenError as e:
             log.debug("noise measurement failed: %s", e)
         nan = float("nan")
-        if job.crop_input is None or "stage2_logits" not in job.diagnostics:
+        if job.crop_input is None or job.stage2_probs is None:
             job.timings["postprocess"] = time.perf_counter() - t0
             return StudyResult(
                 nan,
@@ -321,9 +405,8 @@ class Detector:
                 timings=dict(job.timings),
                 diagnostics=self._diag(job),
             )
-        probs = softmax(job.diagnostics.pop("stage2_logits"))
+        probs, organ = job.stage2_probs, job.organ
         caff = job.crop_affine
-        organ = organ_mask(probs[1] + probs[2], caff, threshold=post.pancreas_threshold)
         lesion_prob = probs[2]
         lesions, lesion_labels = lesion_candidates(
             lesion_prob,
@@ -335,6 +418,24 @@ class Detector:
         )
         lesion_mask = lesion_labels > 0
         job.diagnostics.update(pancreas_scores(lesion_prob, organ, lesions, lesion_labels, caff))
+        loc = job.localisation
+        length = gland_length_mm(organ | lesion_mask, caff)
+        job.diagnostics["gland_length_mm"] = length
+        job.diagnostics["crop_faces"] = dict(job.open_faces)
+        reason = partial_localisation(
+            stage1_length_mm=loc.length_mm,
+            outside_fraction=loc.outside_fraction,
+            gland_length_mm=length,
+            open_faces=tuple(job.open_faces),
+            qc=self.localisation_qc,
+            grown_faces=tuple(job.diagnostics["crop_faces_first"])
+            if job.diagnostics.get("crop_enlarged")
+            else (),
+        )
+        if reason:
+            qc.append("partial_localisation")
+            job.diagnostics["qc_reasons"] = {"partial_localisation": reason}
+            log.info("study %s: partial_localisation: %s", vol.series_instance_uid, reason)
         parenchyma = organ & ~lesion_mask
         vox_ml = abs(float(np.linalg.det(caff[:3, :3]))) / 1000.0
         hu = job.crop_hu
@@ -389,4 +490,19 @@ class Detector:
         if loc is not None:
             d["localisation_confidence"] = float(loc.confidence)
             d["box_min_mm"], d["box_max_mm"] = loc.box_min, loc.box_max
+            d["stage1_length_mm"] = float(loc.length_mm)
+            d["stage1_volume_ml"] = float(loc.volume_ml)
+            d["stage1_outside_fraction"] = float(loc.outside_fraction)
+        if job.crop_box is not None:
+            d["crop_box_min_mm"], d["crop_box_max_mm"] = job.crop_box
         return d
+
+
+def _scan_bounds(volume: CTVolume) -> tuple[np.ndarray, np.ndarray]:
+    """World (x, y, z) mm min/max over the scan's 8 corner voxel centres."""
+    n = np.array(volume.shape, float) - 1.0
+    corners = np.array(
+        [[a * n[0], b * n[1], c * n[2]] for a in (0, 1) for b in (0, 1) for c in (0, 1)]
+    )
+    world = voxel_to_world(volume.affine, corners)
+    return world.min(axis=0), world.max(axis=0)

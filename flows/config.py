@@ -7,8 +7,9 @@ engine actors.  A worker node therefore computes the same patient keys and deriv
 driver, whatever its own environment says.
 
 The config hash (``config_hash`` in every findings row) covers everything that changes a finding:
-the model package's sha256, the selection rules (with their version) and the resolved
-:class:`~pdacscreen.engine.config.EngineConfig`.  A new model, new rules or another engine
+the model package's sha256, the selection rules (with their version), the resolved
+:class:`~pdacscreen.engine.config.EngineConfig` and the detector's localisation check
+(:class:`~pdacscreen.engine.postprocess.LocalisationQC`).  A new model, new rules or another engine
 (TensorRT FP16 instead of ONNX Runtime FP32) is a new hash, so the next sweep re-processes every
 study for it deliberately and keeps the earlier rows.
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 from pydantic import SecretBytes
 
 from pdacscreen.engine.config import EngineConfig
+from pdacscreen.engine.postprocess import LocalisationQC
 from pdacscreen.io.dicomweb import DicomwebSource
 from pdacscreen.io.errors import InputError
 from pdacscreen.io.pseudonym import check_key, key_fingerprint
@@ -39,8 +41,11 @@ def config_hash(*, model_sha256: str, rules: SelectionRules, engine: EngineConfi
     """16 hex digits of SHA-256 over the model, the rules and the resolved engine config."""
     # The rules by content: their file's location (``source``) differs between machines.
     rules_d = {k: v for k, v in asdict(rules).items() if k != "source"}
+    # The detector's localisation check can grow a crop and rerun stage 2: its settings change
+    # findings as the model does.
+    loc = asdict(LocalisationQC())
     blob = json.dumps(
-        {"model": model_sha256, "rules": rules_d, "engine": engine.as_dict()},
+        {"model": model_sha256, "rules": rules_d, "engine": engine.as_dict(), "localisation": loc},
         sort_keys=True,
         default=str,
     )

@@ -7,6 +7,12 @@ the pseudonymous accession key, study date, lesion size and location, QC flags a
 images embedded as base64 by default, or linked by relative path with ``--link-images``), and
 ``worklist.csv``.
 
+Below the ranked list, **needs a look**: the latest row of each study (``ok`` or ``not_assessable``)
+that is *not* flagged but carries a QC flag saying the screen may not have covered the gland
+(:data:`LOOK_FLAGS`: ``partial_localisation``, ``low_localisation_confidence``,
+``pancreas_cut_by_fov``, ``pancreas_not_found``), so a partially screened study is never reported
+as a silent negative; also written as ``needs_a_look.csv``.
+
 Each row links the study's DICOM results when the sweep wrote them (``STORE/dicom_exports/``):
 ``seg_path`` / ``sr_path`` (relative to STORE; the page links them relative to itself),
 ``dicom_export_status`` (the status that most needs attention of the two objects: failed,
@@ -31,7 +37,15 @@ from pdacscreen.io.dicom.export import read_exports
 from pdacscreen.io.dicomweb import PREFIX
 from pdacscreen.io.errors import InputError, PdacscreenError
 
-__all__ = ["KEY_IMAGE", "add_arguments", "flagged_studies", "run", "write_worklist"]
+__all__ = [
+    "KEY_IMAGE",
+    "LOOK_FLAGS",
+    "add_arguments",
+    "flagged_studies",
+    "needs_a_look",
+    "run",
+    "write_worklist",
+]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +72,33 @@ COLUMNS = (
     "dicom_export_status",
     "pacs_study_url",
 )
+#: QC flags (engine.postprocess.QC_FLAGS) that put an unflagged study under "needs a look": the
+#: detector's score may not cover the whole gland
+LOOK_FLAGS = (
+    "partial_localisation",
+    "low_localisation_confidence",
+    "pancreas_cut_by_fov",
+    "pancreas_not_found",
+)
+LOOK_COLUMNS = (
+    "accession_key",
+    "study_date",
+    "status",
+    "pdac_probability",
+    "qc_flags",
+    "sweep_date",
+    "model_name",
+    "model_version",
+    "study_instance_uid",
+)
+_LOOK_SQL = f"""
+SELECT {", ".join(LOOK_COLUMNS)}
+FROM latest_findings
+WHERE status IN ('ok', 'not_assessable') AND NOT coalesce(pdac_flag, false)
+  AND list_has_any(qc_flags, ?::VARCHAR[])
+  AND (CAST(? AS DATE) IS NULL OR sweep_date >= CAST(? AS DATE))
+ORDER BY sweep_date DESC, study_instance_uid
+"""
 #: which export status a study shows when its two objects differ (most needing attention first)
 _STATUS_ORDER = ("failed", "skipped", "written", "sent")
 
@@ -92,6 +133,16 @@ def flagged_studies(store: Path | str, *, since: dt.date | None = None) -> pd.Da
     df["key_image"] = [_key_image(root, e) for e in df.pop("evidence_path")]
     df = _with_dicom_results(df, root)
     return df[list(COLUMNS)]
+
+
+def needs_a_look(store: Path | str, *, since: dt.date | None = None) -> pd.DataFrame:
+    """Unflagged studies with a :data:`LOOK_FLAGS` QC flag (see the module docstring)."""
+    con = connect(Path(store))
+    try:
+        arg = since.isoformat() if since else None
+        return to_arrow(con.sql(_LOOK_SQL, params=[list(LOOK_FLAGS), arg, arg])).to_pandas()
+    finally:
+        con.close()
 
 
 def _with_dicom_results(df: pd.DataFrame, root: Path) -> pd.DataFrame:
@@ -171,10 +222,47 @@ def _fmt(value: object, digits: int = 1) -> str:
     return html.escape(str(value))
 
 
+def _look_section(look: pd.DataFrame | None, out: Path) -> list[str]:
+    """The "needs a look" table (and ``needs_a_look.csv``); nothing when ``look`` is None."""
+    if look is None:
+        return []
+    csv = look.copy()
+    csv["qc_flags"] = [";".join(_flags(f)) for f in csv["qc_flags"]]
+    csv.to_csv(out / "needs_a_look.csv", index=False)
+    rows = []
+    for r in look.itertuples(index=False):
+        flags = "".join(f"<span>{html.escape(f)}</span>" for f in _flags(r.qc_flags))
+        rows.append(
+            f"<tr class='look' data-study='{html.escape(r.study_instance_uid)}'>"
+            f"<td>{_fmt(r.accession_key)}</td><td>{_fmt(r.study_date)}</td>"
+            f"<td>{_fmt(r.status)}</td><td class='num'>{_fmt(r.pdac_probability, 3)}</td>"
+            f"<td class='flags'>{flags}</td></tr>"
+        )
+    head = "".join(
+        f"<th>{h}</th>"
+        for h in ("accession key", "study date", "status", "probability", "QC flags")
+    )
+    return [
+        f"<h2>Needs a look: {len(look)}</h2>",
+        "<p class='note'>Not flagged, but the screen may not have covered the whole pancreas "
+        "(QC flags); the probability of a partially screened study is not a negative.</p>",
+        f"<table id='needs-a-look'><thead><tr>{head}</tr></thead><tbody>",
+        *rows,
+        "</tbody></table>",
+    ]
+
+
 def write_worklist(
-    rows: pd.DataFrame, out: Path, *, store: Path, since: dt.date | None, embed: bool = True
+    rows: pd.DataFrame,
+    out: Path,
+    *,
+    store: Path,
+    since: dt.date | None,
+    embed: bool = True,
+    look: pd.DataFrame | None = None,
 ) -> tuple[Path, Path]:
-    """Write ``worklist.html`` and ``worklist.csv`` into ``out``; returns their paths."""
+    """Write ``worklist.html`` and ``worklist.csv`` into ``out`` (and, with ``look``, the
+    "needs a look" section and ``needs_a_look.csv``); returns the first two paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     csv = rows.copy()
@@ -224,7 +312,9 @@ def write_worklist(
         f"<p class='note'>{missing} row(s) without a key image.</p>" if missing else "",
         f"<table id='worklist'><thead><tr>{head}</tr></thead><tbody>",
         *body,
-        "</tbody></table></body></html>",
+        "</tbody></table>",
+        *_look_section(look, out),
+        "</body></html>",
     ]
     html_path = out / "worklist.html"
     html_path.write_text("\n".join(page), encoding="utf-8")
@@ -254,11 +344,14 @@ def run(args: argparse.Namespace) -> int:
             except ValueError as e:
                 raise InputError(f"--since must be a date YYYY-MM-DD, got {args.since!r}") from e
         rows = flagged_studies(args.store, since=since)
+        look = needs_a_look(args.store, since=since)
     except PdacscreenError as e:
         err.print(f"[red]{e.code}:[/red] {e}", highlight=False)
         return 2
     html_path, csv_path = write_worklist(
-        rows, args.out, store=args.store, since=since, embed=not args.link_images
+        rows, args.out, store=args.store, since=since, embed=not args.link_images, look=look
     )
-    console.print(f"{len(rows)} flagged studies -> {html_path} and {csv_path}")
+    console.print(
+        f"{len(rows)} flagged studies, {len(look)} needing a look -> {html_path} and {csv_path}"
+    )
     return 0

@@ -176,3 +176,52 @@ def test_rows_carry_their_dicom_results_and_pacs_study(gen, tmp_path):
     assert page.count("class='seg'") == 1 and page.count("class='sr'") == 0
     assert page.count("class='pacs'") == 2 and "failed" in page
     assert "seg_path" in pd.read_csv(csv_path).columns
+
+
+def test_partial_localisation_study_needs_a_look(gen, tmp_path):
+    """An unflagged study whose latest row says the screen did not cover the gland is listed
+    under "needs a look" (page and CSV); a flagged one stays on the ranked list only."""
+    from pdacscreen.flows.worklist import LOOK_FLAGS, needs_a_look, write_worklist
+    from pdacscreen.io.store import FindingsStore
+
+    store = tmp_path / "store"
+    shutil.copytree(gen.store.root, store)
+    st = FindingsStore(store)
+    df = st.read_findings()
+    assert len(needs_a_look(store)) == 0  # the synthetic store has none of LOOK_FLAGS
+    ok = df[df.status == "ok"]
+    quiet = ok[ok.pdac_flag == False].iloc[0]  # noqa: E712
+    loud = ok[ok.pdac_flag == True].iloc[0]  # noqa: E712
+    later = df.processed_at.max() + pd.Timedelta(hours=1)
+    rows = []
+    for r, flags in ((quiet, ["partial_localisation"]), (loud, ["partial_localisation"])):
+        drop = ("sweep_id", "sweep_date", "model_version", "config_hash")
+        row = {k: v for k, v in r.items() if k not in drop}
+        row.update(processed_at=later.to_pydatetime(), qc_flags=flags)
+        rows.append(
+            {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()}
+        )
+    st.append_findings(
+        rows,
+        sweep_id="20250401T000000Z-look",
+        sweep_date=dt.date(2025, 4, 1),
+        model_version=quiet.model_version,
+        config_hash=quiet.config_hash,
+    )
+    look = needs_a_look(store)
+    assert list(look.study_instance_uid) == [quiet.study_instance_uid]
+    assert (
+        list(look.qc_flags.iloc[0]) == ["partial_localisation"]
+        and "partial_localisation" in LOOK_FLAGS
+    )
+    flagged = flagged_studies(store)
+    assert loud.study_instance_uid in set(flagged.study_instance_uid)
+    assert quiet.study_instance_uid not in set(flagged.study_instance_uid)
+    html_path, _ = write_worklist(flagged, tmp_path / "wl", store=store, since=None, look=look)
+    page = html_path.read_text()
+    assert "Needs a look: 1" in page and page.count("<tr class='look'") == 1
+    assert f"data-study='{quiet.study_instance_uid}'" in page
+    csv = pd.read_csv(tmp_path / "wl" / "needs_a_look.csv")
+    assert list(csv.qc_flags) == ["partial_localisation"]
+    assert main(["worklist", str(store), "--out", str(tmp_path / "cli")]) == 0
+    assert "Needs a look: 1" in (tmp_path / "cli" / "worklist.html").read_text()

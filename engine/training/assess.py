@@ -34,7 +34,7 @@ from pdacscreen.engine.training.dataset import StudyRecord, archive_records, loa
 from pdacscreen.engine.training.modelcard import write_model_card
 from pdacscreen.io.phantom.archive import study_plan
 from pdacscreen.io.phantom.subject import make_subject
-from pdacscreen.io.types import CTVolume, world_to_voxel
+from pdacscreen.io.types import CTVolume, voxel_to_world, world_to_voxel
 
 __all__ = [
     "Case",
@@ -80,6 +80,33 @@ def _localised(result, volume, label: np.ndarray, truth: dict) -> bool:
         if kji is not None and comp[tuple(kji)]:
             return True
     return False
+
+
+def _fraction_in_box(volume: CTVolume, label: np.ndarray, box_min, box_max) -> float:
+    """Share of the true pancreas voxels (label >= 1) whose centres lie in the world box (NaN
+    without a gland; 0 without a box)."""
+    idx = np.argwhere(label >= 1)
+    if len(idx) == 0:
+        return float("nan")
+    lo, hi = np.asarray(box_min, float), np.asarray(box_max, float)
+    if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
+        return 0.0
+    xyz = voxel_to_world(volume.affine, idx.astype(float))
+    return float(np.all((xyz >= lo - 1e-6) & (xyz <= hi + 1e-6), axis=1).mean())
+
+
+def _box(diag: dict, name: str) -> list[float]:
+    return [float(v) for v in diag.get(name, (np.nan,) * 3)]
+
+
+#: localisation facts of the detector's diagnostics copied into assess rows (NaN when absent)
+LOCALISATION_FIELDS = (
+    "stage1_length_mm",
+    "stage1_volume_ml",
+    "stage1_outside_fraction",
+    "gland_length_mm",
+    "cls_probability_first",
+)
 
 
 @dataclass(frozen=True)
@@ -165,7 +192,10 @@ def phantom_cases(
 def assess_cases(
     cases: Iterable[Case], package_dir: Path | None, *, threads: int | None = None
 ) -> list[dict]:
-    """One row per study: truth, prediction, localisation hit, QC flags, seconds."""
+    """One row per study: truth, prediction, localisation hit, QC flags, seconds, and the
+    localisation: the stage-1 box (``box_min_mm``/``box_max_mm``, world (x, y, z) mm), the box
+    stage 2 ran on (``crop_box_*``; larger when the crop was grown), the share of the true gland
+    inside each (``pancreas_in_box``, ``pancreas_in_crop``) and the QC check's inputs."""
 
     det = Detector(load_package(package_dir), backend="onnxruntime", threads=threads)
     rows = []
@@ -195,6 +225,27 @@ def assess_cases(
                 "localised": bool(hit),
                 "lesion_count": res.lesion_count,
                 "qc_flags": list(res.qc_flags),
+                "qc_reasons": dict(res.diagnostics.get("qc_reasons", {})),
+                "box_min_mm": _box(res.diagnostics, "box_min_mm"),
+                "box_max_mm": _box(res.diagnostics, "box_max_mm"),
+                "crop_box_min_mm": _box(res.diagnostics, "crop_box_min_mm"),
+                "crop_box_max_mm": _box(res.diagnostics, "crop_box_max_mm"),
+                "pancreas_in_box": _fraction_in_box(
+                    case.volume,
+                    case.label,
+                    res.diagnostics.get("box_min_mm", (np.nan,) * 3),
+                    res.diagnostics.get("box_max_mm", (np.nan,) * 3),
+                ),
+                "pancreas_in_crop": _fraction_in_box(
+                    case.volume,
+                    case.label,
+                    res.diagnostics.get("crop_box_min_mm", (np.nan,) * 3),
+                    res.diagnostics.get("crop_box_max_mm", (np.nan,) * 3),
+                ),
+                "crop_enlarged": bool(res.diagnostics.get("crop_enlarged", False)),
+                "crop_faces_first": dict(res.diagnostics.get("crop_faces_first", {})),
+                "crop_faces": dict(res.diagnostics.get("crop_faces", {})),
+                **{k: float(res.diagnostics.get(k, np.nan)) for k in LOCALISATION_FIELDS},
                 "seconds": seconds,
                 # every study score the detector computes, for comparing them on the same cases
                 "scores": {k: float(res.diagnostics.get(k, np.nan)) for k in STUDY_SCORES},

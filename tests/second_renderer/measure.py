@@ -10,6 +10,9 @@ holds the true pancreas and the lesion centre.
     python -m tests.second_renderer.measure --rows A.json B.json [--archive DIR ...] \
         [--coverage-archive DIR ... | --coverage-phantom-seed S --studies N] --out summary.json
 
+``--localisation-qc`` adds how the ``partial_localisation`` QC flag and the crop growth did on the
+rows (:func:`localisation_qc_summary`: flags against the true gland coverage that assess records).
+
 The shipped model is a reference model trained on synthetic phantoms, not a clinical device.
 """
 
@@ -31,6 +34,7 @@ __all__ = [
     "stage1_coverage",
     "oracle_stage2",
     "variant_cases",
+    "localisation_qc_summary",
     "main",
 ]
 
@@ -229,6 +233,100 @@ def variant_cases(seed: int, indices, *, matrix: int = 256, **overrides):
         yield Case(vol, sub.labels, truth)
 
 
+def _auroc(rows: list[dict], key: str) -> float:
+    from pdacscreen.engine.metrics import roc_auc
+
+    y = np.array([r["pdac"] for r in rows])
+    p = np.array([r[key] for r in rows], float)
+    return float(roc_auc(y, np.nan_to_num(p, nan=0.0))) if 0 < y.sum() < len(y) else float("nan")
+
+
+def _final_faces(r: dict) -> dict:
+    """Faces the final gland reached, for rows written before assess kept ``crop_faces``: the
+    first pass's when the crop was not grown (they were flagged as they are either way)."""
+    return {} if r.get("crop_enlarged") else dict(r.get("crop_faces_first", {}))
+
+
+def localisation_qc_summary(rows: list[dict], *, partial_below: float = 0.9) -> dict:
+    """How the ``partial_localisation`` QC flag and the crop growth did on assess rows.
+
+    A study's stage-1 box is *partial* when it holds less than ``partial_below`` of the true
+    gland (``pancreas_in_box``, truth: assess only); ``first_probability`` is the study's score
+    before the crop was grown (``cls_probability_first``), so AUROC with and without the fix
+    come from the same run.  Also sweeps ``min_length_mm`` with the engine's own rule
+    (:func:`~pdacscreen.engine.postprocess.partial_localisation`) on the rows' recorded inputs.
+    """
+    from pdacscreen.engine.postprocess import LocalisationQC, partial_localisation
+
+    for r in rows:
+        first = r.get("cls_probability_first", np.nan)
+        r["first_probability"] = first if r.get("crop_enlarged") else r["probability"]
+    found = [r for r in rows if "pancreas_not_found" not in r["qc_flags"]]
+    flagged = [r for r in found if "partial_localisation" in r["qc_flags"]]
+    partial = [r for r in found if r["pancreas_in_box"] < partial_below]
+    whole = [r for r in found if r["pancreas_in_box"] >= partial_below]
+    enlarged = [r for r in found if r.get("crop_enlarged")]
+    reasons = {"crop face": 0, "mm long": 0, "outside": 0}
+    for r in flagged:
+        text = r.get("qc_reasons", {}).get("partial_localisation", "")
+        for k in reasons:
+            reasons[k] += int(k in text)
+
+    def mean(key, group):
+        v = np.array([r[key] for r in group], float)
+        return float(np.nanmean(v)) if len(v) else float("nan")
+
+    sweep = {}
+    for length in (60.0, 70.0, 80.0, 90.0, 100.0, 110.0, 120.0):
+        qc = LocalisationQC(min_length_mm=length)
+        hits = [
+            bool(
+                partial_localisation(
+                    stage1_length_mm=r["stage1_length_mm"],
+                    outside_fraction=r["stage1_outside_fraction"],
+                    gland_length_mm=r["gland_length_mm"],
+                    open_faces=tuple(r.get("crop_faces", _final_faces(r))),
+                    grown_faces=tuple(r["crop_faces_first"]) if r.get("crop_enlarged") else (),
+                    qc=qc,
+                )
+            )
+            for r in found
+        ]
+        sweep[f"{length:.0f}"] = {
+            "flag_rate": float(np.mean(hits)) if hits else float("nan"),
+            "partial_flagged": int(
+                sum(h for h, r in zip(hits, found, strict=True) if r in partial)
+            ),
+        }
+    return {
+        "studies": len(rows),
+        "found": len(found),
+        "partial_localisation": len(flagged),
+        "flag_rate": len(flagged) / len(rows) if rows else float("nan"),
+        "flag_rate_found": len(flagged) / len(found) if found else float("nan"),
+        "reasons": reasons,
+        f"partial_boxes_below_{partial_below:g}": len(partial),
+        "partial_boxes_flagged": sum("partial_localisation" in r["qc_flags"] for r in partial),
+        "whole_boxes_flagged": sum("partial_localisation" in r["qc_flags"] for r in whole),
+        "crop_enlarged": len(enlarged),
+        "pancreas_in_box_mean": mean("pancreas_in_box", found),
+        "pancreas_in_crop_mean": mean("pancreas_in_crop", found),
+        "enlarged_pancreas_in_box_mean": mean("pancreas_in_box", enlarged),
+        "enlarged_pancreas_in_crop_mean": mean("pancreas_in_crop", enlarged),
+        "crop_90pct_rate_found": float(np.mean([r["pancreas_in_crop"] >= 0.9 for r in found]))
+        if found
+        else float("nan"),
+        "box_90pct_rate_found": float(np.mean([r["pancreas_in_box"] >= 0.9 for r in found]))
+        if found
+        else float("nan"),
+        "auroc": _auroc(rows, "probability"),
+        "auroc_without_growth": _auroc(rows, "first_probability"),
+        "stage1_length_mm_median": float(np.nanmedian([r["stage1_length_mm"] for r in found])),
+        "gland_length_mm_median": float(np.nanmedian([r["gland_length_mm"] for r in found])),
+        "min_length_sweep": sweep,
+    }
+
+
 def _stage1_summary(cov: list[dict]) -> dict:
     pan = np.array([c["pancreas_in_box"] for c in cov], float)
     les = np.array([c["lesion_in_box"] for c in cov], float)
@@ -280,12 +378,21 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="the same oracle on the project generator's studies 0..--studies-1 (the control)",
     )
+    ap.add_argument(
+        "--localisation-qc",
+        action="store_true",
+        help="with --rows: how partial_localisation and the crop growth did (needs rows with "
+        "pancreas_in_box, written by assess since the localisation QC)",
+    )
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     result: dict = {"note": "reference model trained on synthetic phantoms; not a clinical device"}
     if args.rows:
         op = load_package(None).thresholds.operating
-        result["summary"] = summarise_rows(load_rows(args.rows, args.archive), operating=op)
+        rows = load_rows(args.rows, args.archive)
+        result["summary"] = summarise_rows(rows, operating=op)
+        if args.localisation_qc:
+            result["localisation_qc"] = localisation_qc_summary(rows)
     cov = []
     for a in args.coverage_archive:
         cov += stage1_coverage(archive_cases(a))
