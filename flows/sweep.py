@@ -66,6 +66,7 @@ from pdacscreen.flows.outcomes import (
 from pdacscreen.flows.ray_pool import WorkItem, engine_placements, init_ray, run_pool
 from pdacscreen.flows.study_worker import EngineActor, evidence_folder_name, load_study
 from pdacscreen.io.dicom.export import append_exports
+from pdacscreen.io.dicom.read import shutdown_worker_pools
 from pdacscreen.io.dicomweb import (
     DicomwebSource,
     fetch_series,
@@ -296,7 +297,14 @@ def _stop_scope():
     retry_condition_fn=_retry_transient_io,
 )
 def index_archive(config: SweepConfig) -> IndexUpdate:
-    return update_index(Path(config.archive), FindingsStore(config.store).index_dir, key=config.key)
+    """Bring the store's index up to date; its header-reading processes end with the task (the
+    fan-out decodes in Ray workers, so idle crawl processes would only hold memory)."""
+    try:
+        return update_index(
+            Path(config.archive), FindingsStore(config.store).index_dir, key=config.key
+        )
+    finally:
+        shutdown_worker_pools()
 
 
 @task(name="index-dicomweb", cache_policy=NO_CACHE)

@@ -40,11 +40,11 @@ decides every frame imagecodecs declines); other compressed ones by pydicom's pl
 
 from __future__ import annotations
 
-import atexit
 import functools
 import hashlib
 import math
 import multiprocessing as mp
+import multiprocessing.util
 import os
 import re
 import struct
@@ -1081,17 +1081,32 @@ _POOLS: dict[int, ProcessPoolExecutor] = {}
 
 
 def worker_pool(workers: int) -> ProcessPoolExecutor:
-    """``workers`` processes kept for the life of this process, shared by the index crawl and the
-    series decoder, so a nightly run or a second call does not pay their start again (forkserver
-    with this module preloaded: safe with threads)."""
+    """``workers`` processes shared by the index crawl and the series decoder until
+    :func:`shutdown_worker_pools` (the sweep calls it after indexing) or the process exits, so a
+    second call does not pay their start again (forkserver with this module preloaded: safe with
+    threads).
+
+    The exit hook is a ``multiprocessing`` finalizer, not ``atexit``: a process that was itself
+    started by ``multiprocessing`` (as Prefect's runner starts each flow run) joins its children
+    before any ``atexit`` hook runs, so idle workers that were never told to stop hung its exit.
+    """
     pool = _POOLS.get(workers)
     if pool is None:
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["pdacscreen.io.dicom.read"])
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
         _POOLS[workers] = pool
-        atexit.register(pool.shutdown, wait=False, cancel_futures=True)
+        multiprocessing.util.Finalize(
+            pool, pool.shutdown, kwargs={"wait": True, "cancel_futures": True}, exitpriority=10
+        )
     return pool
+
+
+def shutdown_worker_pools() -> None:
+    """End every shared worker pool now (their processes exit; the next call starts new ones)."""
+    while _POOLS:
+        _, pool = _POOLS.popitem()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def drop_worker_pool(workers: int, *, kill: bool = False) -> None:
