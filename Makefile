@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 test: setup
-	$(PY) -m pytest -q -m "not bench"
+	$(PY) -m pytest -q -m "not bench" --durations=20
 
 demo: setup
 	bash infra/demo.sh
