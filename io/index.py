@@ -46,6 +46,7 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute
 import pyarrow.parquet as pq
 
 from pdacscreen.io.dicom.read import (
@@ -187,6 +188,32 @@ def _read_parts(index_dir: Path, columns: list[str] | None = None) -> pd.DataFra
     return df.reset_index(drop=True)
 
 
+def _known_files(index_dir: Path) -> dict[str, tuple[int, int]]:
+    """``path -> (size, mtime_ns)`` of every present file, the latest run's row winning.
+
+    Read with pyarrow, not pandas: a tombstone's null ``mtime_ns`` would turn the whole column
+    into float64, whose 53-bit mantissa cannot hold nanosecond mtimes (about 1.8e18), so every
+    file would look changed and each run would re-read and re-write the whole archive (found by
+    the soak: the index grew by the archive every night after the first deletion).
+    """
+    parts = _parts(index_dir)
+    if not parts:
+        return {}
+    cols = ["path", "size", "mtime_ns", "present", "run_id"]
+    table = pa.concat_tables([pq.read_table(p, columns=cols, schema=INDEX_SCHEMA) for p in parts])
+    table = table.take(pa.compute.sort_indices(table, [("run_id", "ascending")]))
+    known: dict[str, tuple[int, int] | None] = {}
+    for path, size, mtime, present in zip(
+        *(table.column(c).to_pylist() for c in ("path", "size", "mtime_ns", "present")),
+        strict=True,
+    ):
+        if not present:
+            known[path] = None
+        else:  # a present row without a stat (should not happen) is re-read: (-1, -1)
+            known[path] = (-1, -1) if size is None or mtime is None else (int(size), int(mtime))
+    return {k: v for k, v in known.items() if v is not None}
+
+
 def read_index(index_dir: Path, *, include_removed: bool = False) -> pd.DataFrame:
     """Current state of an index: one row per present file (latest run wins).
 
@@ -276,11 +303,7 @@ def update_index(
     with open(index_dir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         _check_meta(index_dir, archive=archive, key=key)
-        known = _read_parts(index_dir, columns=["path", "size", "mtime_ns", "present", "run_id"])
-        known = known[known["present"]]
-        known_map = dict(
-            zip(known["path"], zip(known["size"], known["mtime_ns"], strict=True), strict=True)
-        )
+        known_map = _known_files(index_dir)
         skip = index_dir if index_dir.is_relative_to(archive) else None
         seen: set[str] = set()
         todo: list[str] = []

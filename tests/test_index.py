@@ -135,6 +135,11 @@ def test_incremental_reads_only_changes(archive, tmp_path):
     removed = read_removed(idx)
     assert removed["path"].str.endswith("readme.txt").tolist() == [True]
     assert len(read_index(idx, include_removed=True)) == len(df) + 1
+    # With a tombstone (null mtime) in the index, nothing unchanged is read again (a float64
+    # mtime column once made every file look changed after the first deletion)
+    fifth = update_index(archive, idx, key=KEY, workers=1)
+    assert (fifth.read, fifth.new, fifth.changed, fifth.removed) == (0, 0, 0, 0)
+    assert fifth.unchanged == fourth.total_present
 
 
 def test_compaction_keeps_state(archive, tmp_path, monkeypatch):
