@@ -24,7 +24,7 @@ from ray.exceptions import RayActorError, RayError, RayTaskError, WorkerCrashedE
 
 log = logging.getLogger(__name__)
 
-__all__ = ["WorkItem", "WorkOutcome", "run_pool", "init_ray", "engine_placements"]
+__all__ = ["WorkItem", "WorkOutcome", "run_pool", "init_ray", "engine_placements", "engine_slots"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,16 @@ def init_ray(
         )
 
 
+def engine_slots(resources: dict[str, float], *, gpu: bool) -> int:
+    """Engine actors these resources (a node's or the cluster's) hold: one per GPU for a GPU
+    engine, else one per two CPUs (the other half decode for them), one on a single CPU; 0 with
+    nothing to run on."""
+    if gpu:
+        return int(resources.get("GPU", 0))
+    cpus = int(resources.get("CPU", 0))
+    return cpus // 2 or cpus
+
+
 def engine_placements(*, gpu: bool) -> Iterator[Any]:
     """Scheduling strategies that put engine actors on the cluster's nodes in turn, forever.
 
@@ -81,8 +91,7 @@ def engine_placements(*, gpu: bool) -> Iterator[Any]:
 
     slots: list[tuple[str, int]] = []
     for node in ray.nodes():
-        res = node.get("Resources", {})
-        n = int(res.get("GPU", 0)) if gpu else int(res.get("CPU", 0)) // 2 or int(res.get("CPU", 0))
+        n = engine_slots(node.get("Resources", {}), gpu=gpu)
         if node.get("Alive") and n:
             slots.append((node["NodeID"], n))
     order = [nid for r in range(max((n for _, n in slots), default=0)) for nid, n in slots if n > r]

@@ -63,7 +63,13 @@ from pdacscreen.flows.outcomes import (
     finding_row,
     text_or_none,
 )
-from pdacscreen.flows.ray_pool import WorkItem, engine_placements, init_ray, run_pool
+from pdacscreen.flows.ray_pool import (
+    WorkItem,
+    engine_placements,
+    engine_slots,
+    init_ray,
+    run_pool,
+)
 from pdacscreen.flows.study_worker import EngineActor, evidence_folder_name, load_study
 from pdacscreen.io.dicom.export import append_exports
 from pdacscreen.io.dicom.read import shutdown_worker_pools
@@ -465,10 +471,9 @@ class _Writer:
 
 
 def _engine_slots(resources: dict[str, float], requested: int | None) -> int:
-    """Engine actors a cluster with these resources holds: one per GPU, else half the CPUs (the
-    other half decode for them); ``requested`` (``--actors``) overrides it."""
-    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
-    return requested or (gpus if gpus else max(1, cpus // 2))
+    """Engine actors for the whole cluster (:func:`~pdacscreen.flows.ray_pool.engine_slots`, at
+    least one); ``requested`` (``--actors``) overrides it."""
+    return requested or max(1, engine_slots(resources, gpu=int(resources.get("GPU", 0)) > 0))
 
 
 @task(name="fan-out", cache_policy=NO_CACHE)
