@@ -57,6 +57,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="plant synthetic identifiers in every PHI tag, a private tag and burned-in pixels "
         "('tags+folders': also name study folders after the patient); listed in OUT/phi.parquet",
     )
+    parser.add_argument(
+        "--follow-up-months",
+        type=float,
+        nargs="+",
+        default=(),
+        metavar="M",
+        help="scan each of --studies patients at these months (ascending from 0, e.g. 0 12 24): "
+        "PDAC patients progress (the lesion appears half-way and grows), the others are stable; "
+        "writes OUT/diagnoses.csv for `pdacscreen evaluate --diagnoses`",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
                 workers=args.workers,
                 start=args.start,
                 preview=args.preview,
+                follow_up_months=tuple(args.follow_up_months),
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
             )
         if args.plant_phi:
@@ -102,6 +113,11 @@ def run(args: argparse.Namespace) -> int:
         ("studies in archive", summary.studies_total),
         ("written / skipped", f"{summary.studies_written} / {summary.studies_skipped}"),
         ("PDAC studies", summary.pdac_studies),
+        *(
+            (("follow-up visits (months)", " ".join(f"{m:g}" for m in args.follow_up_months)),)
+            if args.follow_up_months
+            else ()
+        ),
         ("files written", summary.files_written),
         ("MB written", f"{summary.bytes_written / 1e6:.1f}"),
         ("transfer syntaxes", ", ".join(summary.transfer_syntaxes)),

@@ -86,6 +86,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="preprocessed-study cache (default $PDACSCREEN_WORK/engine/cache)",
     )
+    parser.add_argument(
+        "--vary-anatomy",
+        action="store_true",
+        help="with --phantoms: randomise pancreas pose and shape, habitus, texture and HU "
+        "calibration beyond the generator's ranges (pdacscreen.io.phantom.variation)",
+    )
+    parser.add_argument(
+        "--stage2-from",
+        type=Path,
+        default=None,
+        metavar="PKG",
+        help="keep this model package's stage-2 network and train stage 1 only",
+    )
     parser.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
 
 

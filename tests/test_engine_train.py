@@ -287,3 +287,28 @@ def test_sigterm_requests_a_pause_and_the_handler_is_restored():
     assert stop() is True and stop.why == "SIGTERM"
     stop.restore()
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_stage1_only_on_varied_anatomy_keeps_stage2(tmp_path):
+    """``--vary-anatomy --stage2-from PKG``: stage 1 retrained on randomised anatomy, stage 2
+    exactly the given package's; an archive's fixed images cannot be varied."""
+    from pdacscreen.engine.errors import TrainingError
+    from pdacscreen.engine.training.fit import TrainOptions, fit
+    from pdacscreen.flows.cli_train import main
+
+    source = load_package(None)
+    out = tmp_path / "pkg"
+    argv = ["--phantoms", "6", "--phantom-seed", "31", "--matrix", "128", "--out", str(out)]
+    argv += ["--stage1-steps", "2", "--base1", "4", "--val-fraction", "0.5"]
+    assert main([*argv, "--vary-anatomy", "--stage2-from", str(source.root)]) == 0
+    td = json.loads((out / "model.json").read_text())["training_data"]
+    assert td["anatomy_variation"] is True and td["stage2_steps"] == 0
+    assert td["stage2_from"]["package"] == f"{source.name} {source.version}"
+    new, old = (
+        torch.load(p.stage2.weights, weights_only=True) for p in (load_package(out), source)
+    )
+    assert new.keys() == old.keys() and all(torch.equal(new[k], old[k]) for k in old)
+    s1 = torch.load(load_package(out).stage1.weights, weights_only=True)
+    assert next(iter(s1.values())).shape[0] == 4  # stage 1 is the new base-4 network
+    with pytest.raises(TrainingError, match="--vary-anatomy needs --phantoms"):
+        fit(TrainOptions(out=tmp_path / "x", archive=tmp_path, vary_anatomy=True))

@@ -545,3 +545,51 @@ def test_deployment_has_a_nightly_cron_schedule(tmp_path):
     crons = [s.schedule.cron for s in dep.schedules]
     assert crons == [DEFAULT_CRON]
     assert dep.parameters["store"].endswith("s")
+
+
+def test_follow_up_archive_swept_gives_timelines_and_lead_time(tmp_path, prefect_server, local_ray):
+    """Phantom follow-ups as DICOM: swept like any archive, one patient key per patient, its
+    studies in date order in the timeline, the skeletal muscle index where PatientSize is
+    written, and ``evaluate --diagnoses`` on the archive's diagnoses.csv."""
+    from pdacscreen.flows.leadtime import evaluate_lead_time
+    from pdacscreen.flows.timeline import patient_timeline
+    from pdacscreen.io.phantom.archive import generate_archive
+
+    arch, store = tmp_path / "fu", tmp_path / "store"
+    generate_archive(arch, studies=2, seed=77, matrix=128, follow_up_months=(0, 12, 24))
+    truth = pd.read_parquet(arch / "truth.parquet")
+    assert (
+        len(truth) == 6
+        and truth.groupby("patient_id")["visit_months"]
+        .apply(list)
+        .map(lambda m: m == [0.0, 12.0, 24.0])
+        .all()
+    )
+    summary = sweep(arch, store)
+    assert summary["processed"] == 6 and summary["failed"] == 0
+    df = findings(store).merge(truth, on="study_instance_uid")
+    assert (df["status"] == "ok").all() and len(df) == 6
+    keys = df.groupby("patient_id")["patient_key"].nunique()
+    assert (keys == 1).all() and df["patient_key"].nunique() == 2  # keyed hash per patient
+    assert not df["patient_key"].isin(truth["patient_id"]).any()
+    tall = truth["patient_height_m"].notna()
+    assert 0 < tall.sum() < 6  # seed 77: patient 1 has a PatientSize, patient 0 none
+    for _, group in df.groupby("patient_id"):
+        tl = patient_timeline(store, group["patient_key"].iloc[0]).to_pylist()
+        assert [r["study_instance_uid"] for r in tl] == list(
+            group.sort_values("visit_months")["study_instance_uid"]
+        )
+        smi = group["skeletal_muscle_index_cm2_m2"]
+        height = group["patient_height_m"]
+        muscle = group["skeletal_muscle_area_cm2"]
+        assert smi.notna().equals(height.notna() & muscle.notna())
+        ok = smi.notna()
+        np.testing.assert_allclose(smi[ok], muscle[ok] / height[ok] ** 2, rtol=1e-6)
+    lt = evaluate_lead_time(store, arch / "diagnoses.csv", n_boot=50)
+    counts = lt.metrics["counts"]
+    progressor = int((truth["course"] == "progressor").sum())
+    assert counts["positive_studies"] == progressor
+    assert counts["negative_studies"] == 6 - progressor
+    assert progressor == 3  # one progressor, three pre-diagnostic studies (2, 14, 26 months)
+    intervals = sorted(lt.lead.cases.loc[lt.lead.cases["y"], "interval_months"].round(1))
+    assert intervals == [2.0, 14.0, 26.0]

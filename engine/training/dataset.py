@@ -61,8 +61,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FINE_MARGIN_MM = 36.0
-CACHE_VERSION = 1
+FINE_MARGIN_MM = 20.0  # the stage-2 margin_mm the detector adds to stage 1's box
+CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -309,9 +309,9 @@ def _phantom_study(args: tuple) -> tuple[str, dict[str, np.ndarray], tuple | Non
     ``(hu int16, spacing, affine)`` only when asked for (validation), so training scans stay
     in the worker."""
 
-    sub_seed, lesion_type, matrix, coarse_mm, fine_mm, keep_volume = args
+    sub_seed, lesion_type, matrix, coarse_mm, fine_mm, keep_volume, vary = args
     # pdac=, as `pdacscreen phantom` does: the same subject as the archive's study
-    sub = make_subject(sub_seed, matrix=matrix, pdac=lesion_type == "pdac")
+    sub = make_subject(sub_seed, matrix=matrix, pdac=lesion_type == "pdac", vary=vary)
     volume = CTVolume(sub.noncontrast, sub.spacing, sub.affine, series_instance_uid="phantom")
     arrays = preprocess_study(volume, sub.labels, coarse_mm=coarse_mm, fine_mm=fine_mm)
     raw = None
@@ -329,12 +329,15 @@ def make_phantom_studies(
     keep_volumes: set[int] = frozenset(),
     workers: int = 1,
     progress: Callable[[int, int], None] | None = None,
+    vary: bool = False,
 ) -> tuple[list[dict[str, np.ndarray]], dict[int, tuple]]:
     """Render and preprocess the subjects of ``records`` (see :class:`PhantomRecord`).
 
     Returns the cached-study arrays of :func:`preprocess_study` (index-aligned with
     ``records``) and ``{record.index: (hu int16, spacing, affine)}`` for the indices in
     ``keep_volumes``.  Parallel over ``workers`` processes; the result does not depend on it.
+    ``vary`` renders each subject with ``make_subject(..., vary=True)`` (anatomy and appearance
+    randomisation, :mod:`pdacscreen.io.phantom.variation`).
     """
 
     jobs = [
@@ -345,6 +348,7 @@ def make_phantom_studies(
             tuple(coarse_mm),
             tuple(fine_mm),
             r.index in keep_volumes,
+            bool(vary),
         )
         for r in records
     ]

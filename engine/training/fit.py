@@ -102,6 +102,12 @@ class TrainOptions:
     every ``checkpoint_minutes``, on SIGTERM and when ``max_minutes`` is up; the run then exits with
     :data:`EXIT_PAUSED` and ``resume`` continues it exactly (same options, any device). The
     schedule always runs to the planned step counts.
+
+    ``vary_anatomy`` renders the phantom subjects with
+    :mod:`pdacscreen.io.phantom.variation` (pancreas pose and shape, habitus, texture, HU
+    calibration beyond the generator's ranges; ``--phantoms`` only).  ``stage2_from`` (a model
+    package) takes its stage-2 network as it is and trains stage 1 only; the thresholds are still
+    chosen on this run's validation split.
     """
 
     out: Path
@@ -130,6 +136,8 @@ class TrainOptions:
     version: str = "0.1.0"
     cache: Path | None = None
     command_line: str | None = None
+    vary_anatomy: bool = False
+    stage2_from: Path | None = None
 
 
 def split_records(records: list, *, fraction: float, seed: int) -> tuple[list, list]:
@@ -317,6 +325,7 @@ def _load_data(opts, st1: dict, st2: dict, work: Path):
             fine_mm=fine_mm,
             keep_volumes={r.index for r in val_recs},
             workers=opts.workers,
+            vary=opts.vary_anatomy,
             progress=lambda i, n: (
                 log.info("phantom %d/%d", i, n) if i % 20 == 0 or i == n else None
             ),
@@ -332,6 +341,8 @@ def _load_data(opts, st1: dict, st2: dict, work: Path):
                 yield vol, r
 
         return records, studies, train_recs, val_recs, val_cases
+    if opts.vary_anatomy:
+        raise TrainingError("--vary-anatomy needs --phantoms (an archive's images are fixed)")
     records = archive_records(opts.archive)
     train_recs, val_recs = split_records(records, fraction=opts.val_fraction, seed=opts.seed)
     paths = build_cache(
@@ -348,6 +359,18 @@ def _load_data(opts, st1: dict, st2: dict, work: Path):
             yield load_study(r)[0], r
 
     return records, studies, train_recs, val_recs, val_cases
+
+
+def _stage2_from(package: Path) -> tuple[torch.nn.Module, dict]:
+    """Stage 2 of an existing package (``--stage2-from``): its network and where it came from."""
+    pkg = load_package(package)
+    stage = pkg.stages["stage2"]
+    if stage.weights is None:
+        raise TrainingError(f"--stage2-from {package}: the package has no stage-2 torch weights")
+    net = build_network(stage.network)
+    net.load_state_dict(torch.load(stage.weights, map_location="cpu", weights_only=True))
+    digest = hashlib.sha256(Path(stage.weights).read_bytes()).hexdigest()
+    return net, {"package": f"{pkg.name} {pkg.version}", "weights_sha256": digest}
 
 
 def _fingerprint(opts: TrainOptions) -> str:
@@ -452,7 +475,11 @@ def fit(opts: TrainOptions) -> int:
     deadline = None if opts.max_minutes is None else t_start + 60.0 * opts.max_minutes
     stop = _StopRequest(deadline)
     net1 = build_network(NetworkSpec(out_channels=2, base=opts.base1, depth=3))
-    net2 = build_network(NetworkSpec(out_channels=3, base=opts.base2, depth=3, cls_head=True))
+    if opts.stage2_from is not None:
+        net2, stage2_source = _stage2_from(Path(opts.stage2_from))
+    else:
+        net2 = build_network(NetworkSpec(out_channels=3, base=opts.base2, depth=3, cls_head=True))
+        stage2_source = None
     common = {
         "device": device,
         "pool": pool,
@@ -479,22 +506,25 @@ def fit(opts: TrainOptions) -> int:
             f"loss {hist1[-1]['loss']:.3f}"
         )
         stage1 = {"net": {k: v.clone() for k, v in net1.state_dict().items()}, "history": hist1}
-        hist2 = train_stage(
-            net2,
-            draw2,
-            settings=StageTraining(
-                steps=steps2, lr=2e-3, class_weights=(1.0, 1.0, 2.0), cls_weight=1.0
-            ),
-            seed=opts.seed + 1,
-            name="stage2",
-            start=(
-                TrainState.from_dict(resume["state"])
-                if resume is not None and resume["stage"] == "stage2"
-                else None
-            ),
-            on_checkpoint=lambda st: ckpt.save("stage2", st, stage1=stage1),
-            **common,
-        )
+        if stage2_source is not None:  # --stage2-from: stage 2 as it is
+            hist2 = [{"step": 0, "loss": None}]
+        else:
+            hist2 = train_stage(
+                net2,
+                draw2,
+                settings=StageTraining(
+                    steps=steps2, lr=2e-3, class_weights=(1.0, 1.0, 2.0), cls_weight=1.0
+                ),
+                seed=opts.seed + 1,
+                name="stage2",
+                start=(
+                    TrainState.from_dict(resume["state"])
+                    if resume is not None and resume["stage"] == "stage2"
+                    else None
+                ),
+                on_checkpoint=lambda st: ckpt.save("stage2", st, stage1=stage1),
+                **common,
+            )
     except TrainingPaused as p:
         console.print(
             f"[yellow]paused[/] ({stop.why}) in {p.name} after step {p.state.step}; checkpoint "
@@ -505,10 +535,13 @@ def fit(opts: TrainOptions) -> int:
         stop.restore()
         if pool is not None:
             pool.terminate()
-    console.print(
-        f"stage 2 done ({hist2[-1]['step']} steps) in {time.perf_counter() - t_start:.0f}s, "
-        f"loss {hist2[-1]['loss']:.3f}"
-    )
+    if stage2_source is None:
+        console.print(
+            f"stage 2 done ({hist2[-1]['step']} steps) in {time.perf_counter() - t_start:.0f}s, "
+            f"loss {hist2[-1]['loss']:.3f}"
+        )
+    else:
+        console.print(f"stage 2 taken from {stage2_source['package']}")
     command = opts.command_line or _train_command()
     if opts.phantoms is not None:
         source = {
@@ -544,6 +577,8 @@ def fit(opts: TrainOptions) -> int:
         "stage2_steps": hist2[-1]["step"],
         "sessions": 1 + (0 if resume is None else resume["sessions"]),
         "stage2_training_patch": list(patch2),
+        "stage2_from": stage2_source,
+        "anatomy_variation": bool(opts.vary_anatomy),
         "batch": opts.batch,
         "augmentation": {k: v for k, v in aug.__dict__.items()},
     }

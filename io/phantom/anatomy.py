@@ -18,6 +18,7 @@ import numpy as np
 
 from pdacscreen.io.phantom.shapes import Ellipsoid, SmoothField, Tube, rotation
 from pdacscreen.io.phantom.tissue import T
+from pdacscreen.io.phantom.variation import Variation
 
 __all__ = ["Anatomy", "Findings", "Lesion", "draw_anatomy", "REGION_T"]
 
@@ -82,8 +83,15 @@ def _jit(rng, p, s):
     return np.asarray(p, float) + rng.uniform(-s, s, size=3)
 
 
-def draw_anatomy(rng: np.random.Generator, findings: Findings) -> Anatomy:
-    """Draw one subject's anatomy (all shapes) for the given findings."""
+def draw_anatomy(
+    rng: np.random.Generator, findings: Findings, variation: Variation | None = None
+) -> Anatomy:
+    """Draw one subject's anatomy (all shapes) for the given findings.
+
+    ``variation`` (:mod:`pdacscreen.io.phantom.variation`) moves and reshapes the pancreas (the
+    duodenal C-loop, portal confluence and bile duct follow) and widens the habitus; it draws
+    nothing from ``rng``, so the subject's other shapes are those it has without it.
+    """
     u = rng.uniform
     A, B = u(118, 150), u(82, 105)
     sx = A / 135.0
@@ -241,6 +249,18 @@ def draw_anatomy(rng: np.random.Generator, findings: Findings) -> Anatomy:
     P = [_jit(rng, p, 3) + shift for p in P]
     size = u(1.0, 1.3)
     R = [11, 15, 15, 11, 9.5, 10, 9.5, 9, 7]
+    neck = np.asarray(P[4], float)
+
+    def warp(points) -> np.ndarray:  # the variation's pancreas pose (identity without one)
+        pts = np.atleast_2d(np.asarray(points, float))
+        return pts if variation is None else variation.warp(pts, neck)
+
+    if variation is not None:
+        jitter = np.asarray(variation.point_jitter_mm, float).reshape(-1, 3)[: len(P)]
+        P = list(warp(P) + jitter)
+        P[-1] = P[-1] + [0.0, 0.0, variation.tail_rise_mm]
+        P[-2] = P[-2] + [0.0, 0.0, 0.5 * variation.tail_rise_mm]
+        size *= variation.thickness
     pancreas = Tube(P, [r * size for r in R], z_scale=0.72)
     # Duodenum: C-loop around the head (D1 from the pylorus, D2 down, D3 across, D4 up).
     du = [
@@ -254,9 +274,10 @@ def draw_anatomy(rng: np.random.Generator, findings: Findings) -> Anatomy:
         (28, ay - 24, -55),
         (36, ay - 30, -30),
     ]
+    du_pts = list(warp([_jit(rng, p, 3) + shift * [1, 1, 1] for p in du]))
     tube(
         T.GFLUID,
-        [_jit(rng, p, 3) + shift * [1, 1, 1] for p in du],
+        du_pts,
         [11, 13, 13, 13, 12, 10, 9, 10, 10],
         wall=(T.GWALL, 2.5),
         gas_frac=u(0, 0.3),
@@ -293,7 +314,7 @@ def draw_anatomy(rng: np.random.Generator, findings: Findings) -> Anatomy:
     sel = pancreas.t >= 0.12
     dpts = pancreas.points[sel][::-1] + [0, 2, 0]
     drad = duct_r[sel][::-1]
-    amp = np.array(du[3]) + shift + [8, 4, -2]
+    amp = warp(np.array(du[3]) + shift)[0] + [8, 4, -2]
     duct = Tube(np.vstack([dpts, amp]), np.concatenate([drad, [drad[-1] * 0.7]]))
     calcs: list[tuple[np.ndarray, float]] = []
     if findings.calcifications:
@@ -303,7 +324,7 @@ def draw_anatomy(rng: np.random.Generator, findings: Findings) -> Anatomy:
             calcs.append((p, u(0.6, 2.0)))
 
     # Vessels (painted after the pancreas): veins, arteries, IVC, hepatic veins, CBD.
-    conf = np.array((-8, ay - 36, 4)) + shift
+    conf = warp(np.array((-8, ay - 36, 4)) + shift)[0]
     tube(T.VEIN, [conf, conf + [-3, -4, -40], conf + [-6, -8, -200]], [7, 6.5, 6])  # SMV
     pv_end = np.array((-50 * sx, ay - 30, 52))
     tube(T.VEIN, [conf, (-30, ay - 32, 30), pv_end], [7, 7.5, 7.5])  # portal vein
@@ -373,6 +394,8 @@ def draw_anatomy(rng: np.random.Generator, findings: Findings) -> Anatomy:
 
     fat_base = u(0.08, 0.18) if findings.fatty_pancreas else u(0.0, 0.03)
     lob = u(0.10, 0.18) if (findings.fatty_pancreas or rng.random() < 0.4) else u(0.04, 0.10)
+    if variation is not None:
+        lob *= variation.lobulation_factor
     vert = []
     z = 10.0 + u(-12, 12) + 33.0 * 8
     for k in range(16):
@@ -384,10 +407,13 @@ def draw_anatomy(rng: np.random.Generator, findings: Findings) -> Anatomy:
         "lesion": SmoothField(rng, np.min(P, 0) - 30, np.max(P, 0) + 30, 3.0),
         "bubbles": SmoothField(rng, (-150, -120, -200), (150, 60, 60), 4.0),
     }
+    muscle_mm, fat_mm = u(7, 13), u(10, 45)
+    if variation is not None:
+        muscle_mm, fat_mm = variation.muscle_mm, variation.fat_mm
     return Anatomy(
         cavity=(A, B),
-        muscle_mm=u(7, 13),
-        fat_mm=u(10, 45),
+        muscle_mm=muscle_mm,
+        fat_mm=fat_mm,
         dome_z=dome,
         spine_y=ys,
         vertebrae=vert,

@@ -29,6 +29,7 @@ import numpy as np
 
 from pdacscreen.io.errors import InputError
 from pdacscreen.io.nifti import write_labels
+from pdacscreen.io.phantom.followup import follow_up_course
 from pdacscreen.io.phantom.subject import MATRICES, make_subject
 
 __all__ = ["ArchiveSummary", "generate_archive", "study_plan", "render_preview"]
@@ -71,15 +72,33 @@ def study_plan(seed: int, index: int, pdac_fraction: float) -> tuple[int, bool]:
 
 def _one_study(args: tuple) -> dict:
     """Worker: make subject ``index``, write its DICOM study and label map; return its truth row."""
-    out, seed, index, matrix, compress, pdac_fraction, preview = args
+    out, seed, index, matrix, compress, pdac_fraction, preview, months = args
     from pdacscreen.io.phantom.dicom import write_study
 
     out = Path(out)
-    sub_seed, is_pdac = study_plan(seed, index, pdac_fraction)
-    sub = make_subject(sub_seed, matrix=matrix, pdac=is_pdac, observer=True)
+    if months:  # study slot `index` is visit v of patient p
+        p, v = divmod(int(index), len(months))
+        sub_seed, is_pdac = study_plan(seed, p, pdac_fraction)
+        course = "progressor" if is_pdac else "stable"
+        visit = follow_up_course(course, tuple(months))[v]
+        sub = make_subject(
+            sub_seed, matrix=matrix, lesion_type="pdac" if is_pdac else "none",
+            observer=True, visit=visit,
+        )  # fmt: skip
+        extra = {"patient_index": p, "course": course, "visit": (p, float(months[v]))}
+    else:
+        sub_seed, is_pdac = study_plan(seed, index, pdac_fraction)
+        sub = make_subject(sub_seed, matrix=matrix, pdac=is_pdac, observer=True)
+        extra = {}
     row = {"study_index": int(index), "seed": int(seed), "subject_seed": sub_seed}
-    row.update(write_study(sub, root=out, seed=seed, index=index, matrix=matrix, compress=compress))
+    row.update(
+        write_study(
+            sub, root=out, seed=seed, index=index, matrix=matrix, compress=compress,
+            visit=extra.pop("visit", None),
+        )
+    )  # fmt: skip
     row.update(sub.truth)
+    row.update(extra)
     lab_path = out / "labels" / f"{row['noncontrast_series_uid']}.nii.gz"
     lab_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = lab_path.with_name(lab_path.name + ".part.nii.gz")
@@ -166,6 +185,46 @@ def _write_truth(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+#: a progressor's diagnosis date: this many days after its last visit
+DIAGNOSIS_AFTER_LAST_VISIT_DAYS = 61
+
+
+def _add_diagnoses(rows: list[dict], months: tuple[float, ...]) -> None:
+    """A progressor's diagnosis date (last visit + 61 days) on each of its visit rows."""
+    import datetime as dt
+
+    last = {}
+    for r in rows:
+        if r.get("visit_index") == len(months) - 1:
+            last[r["patient_index"]] = dt.datetime.strptime(r["study_date"], "%Y%m%d").date()
+    for r in rows:
+        d = last.get(r["patient_index"]) if r["course"] == "progressor" else None
+        r["diagnosis_date"] = (
+            (d + dt.timedelta(days=DIAGNOSIS_AFTER_LAST_VISIT_DAYS)).isoformat() if d else ""
+        )
+
+
+def _write_diagnoses(path: Path, rows: list[dict]) -> None:
+    """``diagnoses.csv`` in the study form of ``pdacscreen evaluate --diagnoses``."""
+    import csv
+
+    tmp = path.with_suffix(".csv.part")
+    with tmp.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["study_instance_uid", "label", "diagnosis_date", "study_date"])
+        for r in sorted(rows, key=lambda r: r["study_index"]):
+            sd = r["study_date"]
+            w.writerow(
+                [
+                    r["study_instance_uid"],
+                    int(r["course"] == "progressor"),
+                    r["diagnosis_date"],
+                    f"{sd[:4]}-{sd[4:6]}-{sd[6:]}",
+                ]
+            )
+    os.replace(tmp, path)
+
+
 def generate_archive(
     out: Path,
     *,
@@ -178,6 +237,7 @@ def generate_archive(
     start: int = 0,
     preview: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    follow_up_months: tuple[float, ...] = (),
 ) -> ArchiveSummary:
     """Write studies ``start .. start+studies-1`` of the phantom archive ``seed`` into ``out``.
 
@@ -193,11 +253,23 @@ def generate_archive(
     descriptions, contrast-agent tags, language, layout, study_dir, label_path, lesion_dprime and
     lesion_effective_contrast_hu (the lesion's known-location NPW detectability and its contrast
     to the surrounding gland, non-contrast phase, NaN without a lesion: see
-    :mod:`pdacscreen.io.phantom.observer`; about 12% of a subject's CPU time), and more.
+    :mod:`pdacscreen.io.phantom.observer`; about 12% of a subject's CPU time), patient_height_m
+    (the PatientSize written, NaN for the 30% of patients without one), and more.
+
+    ``follow_up_months`` (e.g. ``(0, 12, 24)``): ``studies`` counts *patients*, each scanned at
+    these months (:func:`pdacscreen.io.phantom.followup.follow_up_course`: a PDAC patient is a
+    ``progressor`` whose lesion appears half-way and grows, the others are ``stable`` with no
+    lesion), one DICOM study per visit with the patient's PatientID and the dates moved on; the
+    truth gains patient_index, course, visit_index, visit_months and diagnosis_date (a
+    progressor's, two months after the last visit), and ``diagnoses.csv`` (study form of
+    ``pdacscreen evaluate --diagnoses``) is written beside it.
     """
     import pyarrow.parquet as pq
 
     _check(studies, seed, matrix, compress, pdac_fraction, workers, start)
+    months = tuple(float(m) for m in follow_up_months)
+    if months:
+        follow_up_course("stable", months)  # validates the months (ascending from 0)
     t0 = time.perf_counter()
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -208,6 +280,7 @@ def generate_archive(
         "matrix": int(matrix),
         "compress": compress,
         "pdac_fraction": float(pdac_fraction),
+        **({"follow_up_months": list(months)} if months else {}),
     }
     manifest = out / "phantom.json"
     truth_path = out / "truth.parquet"
@@ -228,7 +301,8 @@ def generate_archive(
         )
     manifest.write_text(json.dumps(params, indent=1))
     done = {r["study_index"] for r in rows}
-    todo = [k for k in range(start, start + studies) if k not in done]
+    per = max(1, len(months))  # study slots per patient
+    todo = [k for k in range(start * per, (start + studies) * per) if k not in done]
     workers = min(8, os.cpu_count() or 1) if workers is None else int(workers)
     jobs = [
         (
@@ -239,6 +313,7 @@ def generate_archive(
             compress,
             float(pdac_fraction),
             preview and i < PREVIEW_STUDIES,
+            months,
         )
         for i, k in enumerate(todo)
     ]
@@ -262,9 +337,13 @@ def generate_archive(
         with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
             for row in pool.map(_one_study, jobs, chunksize=1):
                 collect(row)
+    if months:
+        _add_diagnoses(rows + new, months)
     if new or not truth_path.exists():
         _write_truth(truth_path, rows + new)
     all_rows = rows + new
+    if months:
+        _write_diagnoses(out / "diagnoses.csv", all_rows)
     ts = sorted(
         {
             r[c]
@@ -278,7 +357,7 @@ def generate_archive(
         labels_dir=out / "labels",
         studies_total=len(all_rows),
         studies_written=len(new),
-        studies_skipped=studies - len(todo),
+        studies_skipped=studies * per - len(todo),
         files_written=sum(r["n_files"] for r in new),
         bytes_written=sum(r["n_bytes"] for r in new),
         seconds=time.perf_counter() - t0,

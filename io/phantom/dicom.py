@@ -99,6 +99,7 @@ def _common(ctx: _Ctx, sub, v: Vendor, nm: Naming, *, pid: str, study_uid: str, 
         ("PatientBirthDate", when["birth"]),
         ("PatientSex", when["sex"]),
         ("PatientAge", f"{when['age']:03d}Y"),
+        *((("PatientSize", _ds(when["height_m"])),) if when.get("height_m") else ()),
         ("StudyInstanceUID", study_uid),
         ("StudyDate", when["date"]),
         ("StudyTime", when["time"]),
@@ -224,6 +225,33 @@ def _dates(ctx: _Ctx) -> dict:
     }
 
 
+#: share of patients whose studies carry PatientSize (height, m): DICOM often lacks it
+HEIGHT_PRESENT = 0.7
+
+
+def _height(seed: int, patient: int, sex: str) -> float | None:
+    """The patient's height in metres (constant across visits), or None when not recorded.
+
+    Drawn from its own stream (the study's other draws are unchanged): adult heights, men
+    N(1.76, 0.07) m, women N(1.63, 0.065) m, clipped to 1.45-2.05 m.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([_SALT, int(seed), int(patient), 0x48]))
+    if rng.random() >= HEIGHT_PRESENT:
+        return None
+    mean, sd = (1.76, 0.07) if sex == "M" else (1.63, 0.065)
+    return round(float(np.clip(rng.normal(mean, sd), 1.45, 2.05)), 2)
+
+
+def _visit_dates(seed: int, patient: int, months: float) -> dict:
+    """A follow-up visit's dates: the patient's first-visit draws moved on by ``months``."""
+    import datetime as dt
+
+    base = _dates(_Ctx(seed, patient, 0, "patient"))
+    d0 = dt.date(int(base["date"][:4]), int(base["date"][4:6]), int(base["date"][6:]))
+    d = d0 + dt.timedelta(days=int(round(months * 30.4375)))
+    return {**base, "date": d.strftime("%Y%m%d"), "age": base["age"] + int(months // 12)}
+
+
 def _tplus(hms, seconds: int) -> str:
     t = hms[0] * 3600 + hms[1] * 60 + hms[2] + seconds
     return f"{t // 3600 % 24:02d}{t // 60 % 60:02d}{t % 60:02d}"
@@ -236,17 +264,30 @@ def _pick_ts(seed: int, slot: int, compress: str) -> str:
     return cycle[int(order[slot % len(cycle)])]
 
 
-def write_study(sub, *, root: Path, seed: int, index: int, matrix: int, compress: str) -> dict:
+def write_study(
+    sub,
+    *,
+    root: Path,
+    seed: int,
+    index: int,
+    matrix: int,
+    compress: str,
+    visit: tuple[int, float] | None = None,
+) -> dict:
     """Write subject ``sub`` as study ``index`` under ``root`` (the archive folder).
 
+    ``visit`` ``(patient, months)``: the study is a follow-up of patient ``patient`` ``months``
+    after its first visit (same PatientID, birth date, sex and height; the study date moves on).
     Returns the study's truth-row additions: identifiers, descriptions, tags, files and bytes.
     """
     ctx = _Ctx(seed, index, matrix, compress)
     v = next(x for x in VENDORS if x.manufacturer == sub.truth["manufacturer"])
     thk = sub.truth["slice_thickness_mm"]
     nm = draw_naming(ctx.rng, manufacturer=v.manufacturer, thk=thk, kernel=sub.truth["kernel"])
-    when = _dates(ctx)
-    pid = patient_id_for(seed, index)
+    patient = index if visit is None else int(visit[0])
+    when = _dates(ctx) if visit is None else _visit_dates(seed, patient, float(visit[1]))
+    when["height_m"] = _height(seed, patient, when["sex"])
+    pid = patient_id_for(seed, patient)
     study_uid = ctx.uid("study")
     uids = {n: ctx.uid("series", n) for n in ("loc", "nc", "pv", "ref", "sc")}
     common = _common(ctx, sub, v, nm, pid=pid, study_uid=study_uid, when=when)
@@ -391,6 +432,7 @@ def write_study(sub, *, root: Path, seed: int, index: int, matrix: int, compress
         "study_date": when["date"],
         "patient_age": when["age"],
         "patient_sex": when["sex"],
+        "patient_height_m": when["height_m"] if when["height_m"] else float("nan"),
         "instance_order": "head_first" if top_first else "feet_first",
         "layout": layout,
         "study_dir": study_dir.as_posix(),

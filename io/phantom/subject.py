@@ -55,7 +55,8 @@ from pdacscreen.io.phantom.levels import level_truth
 from pdacscreen.io.phantom.observer import ImageFormation, lesion_visibility
 from pdacscreen.io.phantom.render import attenuation, render
 from pdacscreen.io.phantom.shapes import Canvas
-from pdacscreen.io.phantom.tissue import T, draw_hu
+from pdacscreen.io.phantom.tissue import N_TISSUES, T, draw_hu
+from pdacscreen.io.phantom.variation import draw_variation
 from pdacscreen.io.phantom.vendors import draw_vendor
 from pdacscreen.io.types import affine_from_geometry
 
@@ -108,6 +109,11 @@ class Subject:
 def _subject_rngs(seed: int) -> list[np.random.Generator]:
     """The subject's four independent streams: findings, anatomy, acquisition, noise."""
     return [np.random.default_rng(s) for s in np.random.SeedSequence([_SALT, int(seed)]).spawn(4)]
+
+
+def _variation_rng(seed: int) -> np.random.Generator:
+    """The fifth stream (``vary=True``): spawned after the four, so they are unchanged."""
+    return np.random.default_rng(np.random.SeedSequence([_SALT, int(seed)]).spawn(5)[4])
 
 
 def subject_findings(
@@ -231,6 +237,7 @@ def make_subject(
     noise_hu: float | None = None,
     observer: bool = False,
     visit: Visit | None = None,
+    vary: bool = False,
 ) -> Subject:
     """Make one synthetic patient (both phases, labels, truth); deterministic for ``seed``.
 
@@ -246,6 +253,11 @@ def make_subject(
     ``observer=True`` also lesion_dprime and lesion_effective_contrast_hu (non-contrast phase, NaN
     without a lesion; :mod:`pdacscreen.io.phantom.observer`: renders the lesion's neighbourhood
     twice, noise-free, from the same streams; the images are unchanged).
+
+    ``vary=True`` (training data only) widens anatomy and appearance beyond the generator's
+    ranges (:mod:`pdacscreen.io.phantom.variation`: pancreas pose and shape, habitus, texture,
+    per-tissue HU, noise grain), drawn from a fifth stream; ``truth["varied"]`` (True) records it.  The
+    findings are those of the seed without variation.
     """
     if matrix not in MATRICES:
         raise InputError(f"matrix must be one of {MATRICES}, got {matrix!r}", code="bad_matrix")
@@ -268,9 +280,15 @@ def make_subject(
                     )
                 kw["lesion_location"] = lesion_location
         findings = Findings(**kw)
-    an = draw_anatomy(ar, findings)
+    variation = draw_variation(_variation_rng(seed), N_TISSUES) if vary else None
+    an = draw_anatomy(ar, findings, variation)
     fatty_liver = bool(ar.random() < 0.12)
     nc_lut, pv_lut, tex_lut = draw_hu(ar, fatty_liver=fatty_liver)
+    if variation is not None:
+        shift = np.asarray(variation.tissue_offsets_hu, np.float32) + variation.global_offset_hu
+        shift[[T.AIR, T.GAS, T.LUNG]] = 0.0  # air and gas keep their calibration
+        nc_lut, pv_lut = nc_lut + shift, pv_lut + shift
+        tex_lut = tex_lut * np.float32(variation.texture_factor)
     if visit is not None:  # a follow-up study: same anatomy, changed lesion/wall/gland
         an, findings = visit.apply(an, findings)
         qr, nr = visit.streams(seed, qr, nr)
@@ -360,6 +378,8 @@ def make_subject(
     r_body = np.sqrt((xx / (A + 30)) ** 2 + (yy / (B + 30)) ** 2)
     amp = noise * np.where(r_body < 1.0, 1.1 - 0.25 * r_body**2, 0.75)
     grain = float(np.clip((0.9 if sharp else 1.4) / dx, 0.5, 2.0))
+    if variation is not None:
+        grain = variation.grain_px
     visibility = {}
     if observer:
         formation = ImageFormation(
@@ -427,6 +447,7 @@ def make_subject(
         "z_coverage_mm": round(n_sl * thk, 1),
         "kvp": kvp,
         **visibility,
+        **({"varied": True} if variation is not None else {}),
     }
     truth.update(
         level_truth(an.vertebrae, tissue_c, gz, z_offset=float(offset[2]), pixel_area_mm2=dx * dx)

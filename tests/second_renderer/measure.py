@@ -384,9 +384,24 @@ def main(argv: list[str] | None = None) -> int:
         help="with --rows: how partial_localisation and the crop growth did (needs rows with "
         "pancreas_in_box, written by assess since the localisation QC)",
     )
+    ap.add_argument(
+        "--second",
+        nargs=2,
+        metavar=("SEED", "STUDIES"),
+        help="stage 1 on second-renderer studies 0..STUDIES-1 made in memory as the archive's",
+    )
+    ap.add_argument(
+        "--package",
+        type=Path,
+        default=None,
+        help="model package for the stage-1 and oracle runs (default: the shipped one)",
+    )
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
+    pkg = args.package
     result: dict = {"note": "reference model trained on synthetic phantoms; not a clinical device"}
+    if args.package is not None:
+        result["package"] = str(args.package)
     if args.rows:
         op = load_package(None).thresholds.operating
         rows = load_rows(args.rows, args.archive)
@@ -395,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
             result["localisation_qc"] = localisation_qc_summary(rows)
     cov = []
     for a in args.coverage_archive:
-        cov += stage1_coverage(archive_cases(a))
+        cov += stage1_coverage(archive_cases(a), pkg)
     if args.coverage_phantom_seed is not None:
         cov += stage1_coverage(
             phantom_cases(
@@ -403,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
                 studies=args.studies,
                 matrix=args.matrix,
                 cache=args.cache,
-            )
+            ),
+            pkg,
         )
     if cov:
         result["stage1"] = _stage1_summary(cov)
@@ -418,7 +434,13 @@ def main(argv: list[str] | None = None) -> int:
             noise_kind="white",
         )
         result["variant"] = {"seed": int(seed), "hu_offset": float(off), "noise_hu": float(noise)}
-        result["stage1_variant"] = _stage1_summary(stage1_coverage(cases))
+        result["stage1_variant"] = _stage1_summary(stage1_coverage(cases, pkg))
+    if args.second:
+        seed, n = (int(v) for v in args.second)
+        result["second"] = {"seed": seed, "studies": n}
+        result["stage1_second"] = _stage1_summary(
+            stage1_coverage(variant_cases(seed, range(n), matrix=args.matrix), pkg)
+        )
     if args.oracle or args.oracle_phantom_seed is not None:
         if args.oracle:
             seed, n = args.oracle
@@ -439,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
                 cache=args.cache,
             )
             result["oracle_source"] = {"phantom_seed": args.oracle_phantom_seed}
-        result["oracle_stage2"] = _oracle_summary(oracle_stage2(cases))
+        result["oracle_stage2"] = _oracle_summary(oracle_stage2(cases, pkg))
     args.out.write_text(json.dumps(result, indent=2, default=float))
     return 0
 
