@@ -148,7 +148,10 @@ def body_composition(
 ) -> BodyComposition:
     """Body composition of ``volume`` on the slice nearest ``z_mm`` (LPS mm), or when ``z_mm`` is
     None on the middle slice of vertebra ``level`` (found by
-    :func:`pdacscreen.kernels.vertebrae.vertebral_levels`).  Never raises for image content."""
+    :func:`pdacscreen.kernels.vertebrae.vertebral_levels`).  Any axial grid: rows stored
+    posterior -> anterior or columns left -> right (a NIfTI's RAS order) are read through the
+    affine and the masks come back on the volume's own grid; an in-plane grid not along the LPS
+    axes gives QC ``orientation_unsupported``.  Never raises for image content."""
     if backend not in BACKENDS:
         raise KernelInputError(f"backend must be one of {BACKENDS}, got {backend!r}")
     arr = volume.array
@@ -167,13 +170,25 @@ def body_composition(
         if abs(zs[k] - float(z_mm)) > abs(aff[2, 0]):
             return _empty(arr.shape[1:], "level_outside_scan", k, float(z_mm))
     dy, dx = volume.spacing[1], volume.spacing[2]
-    out = body_composition_slice(to_host(arr[k]), (dy, dx), backend=backend)
+    if abs(aff[1, 1]) < 0.7 * dy or abs(aff[0, 2]) < 0.7 * dx:
+        # rows along LPS y and columns along x (any sign) are what the method reads
+        return _empty(arr.shape[1:], "orientation_unsupported", k, float(zs[k]))
+    # The method reads rows anterior -> posterior and columns right -> left (LPS +y, +x): a grid
+    # stored the other way round (NIfTI's RAS habit, feet-first flips) is flipped for the
+    # measurement and the masks flipped back onto the volume's own grid.
+    flip = (
+        slice(None, None, -1 if aff[1, 1] < 0 else 1),
+        slice(None, None, -1 if aff[0, 2] < 0 else 1),
+    )
+    out = body_composition_slice(
+        np.ascontiguousarray(to_host(arr[k])[flip]), (dy, dx), backend=backend
+    )
     return BodyComposition(
         k,
         float(zs[k]),
-        out.muscle,
-        out.visceral_fat,
-        out.subcutaneous_fat,
+        np.ascontiguousarray(out.muscle[flip]),
+        np.ascontiguousarray(out.visceral_fat[flip]),
+        np.ascontiguousarray(out.subcutaneous_fat[flip]),
         out.skeletal_muscle_area_cm2,
         out.visceral_fat_area_cm2,
         out.subcutaneous_fat_area_cm2,

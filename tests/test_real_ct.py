@@ -152,3 +152,58 @@ def test_phase_check_on_real_noncontrast_abdomen(real_ct):
         enhanced[seg == label] += delta
     pc = measure_phase(enhanced, aff, **limits, backend="numpy")
     assert pc.estimate == "contrast" and rules.action(pc.estimate) == "flag"
+
+
+# TotalSegmentator v2 labels (class_map_total_v2.json): its paraspinal and psoas muscles
+TS_MUSCLES = (86, 87, 88, 89)  # autochthon left/right, iliopsoas left/right
+TS_L2 = 30
+
+
+def _upsampled_real_abdomen(real_ct, factor: int = 2):
+    """The TotalSegmentator fixture (3 mm, stored posterior->anterior and left->right, as NIfTI's
+    RAS order has it) resampled in-plane by ``factor`` (trilinear; its labels nearest): the
+    body-composition method refuses pixels over 2 mm, and archives hold 0.6-0.9 mm."""
+    from scipy import ndimage as ndi
+
+    arr, aff = read_nifti(real_ct / "totalsegmentator/example_ct_sm.nii.gz")
+    seg, _ = read_nifti(real_ct / "totalsegmentator/example_seg.nii.gz")
+    hu = ndi.zoom(arr.astype(np.float32), (1, factor, factor), order=1)
+    lab = ndi.zoom(seg, (1, factor, factor), order=0)
+    fine = aff.copy()
+    fine[:3, 1:3] /= factor
+    fine[:3, 3] = aff[:3, 3] + (aff[:3, 1] + aff[:3, 2]) * (0.5 / factor - 0.5)
+    return hu, lab, fine
+
+
+def test_body_composition_on_real_anatomy_against_totalsegmentator(real_ct):
+    """On a real abdomen at L2 (the fixture's lowest vertebra; it stops above L3) the muscle mask
+    holds TotalSegmentator's paraspinal and psoas muscles and little of its organs or bone; the
+    grid's storage order does not change the areas.  TotalSegmentator's labels are a model's
+    output, not a manual reference; measured: 94% of its muscles covered, 16% of ours in its
+    other labels (before the orientation fix: 36%, the whole cavity counted as muscle)."""
+    from pdacscreen.io.types import CTVolume
+    from pdacscreen.kernels.bodycomp import body_composition
+
+    hu, lab, aff = _upsampled_real_abdomen(real_ct)
+    sp = tuple(float(np.linalg.norm(aff[:3, i])) for i in range(3))
+    assert aff[1, 1] < 0 and aff[0, 2] < 0  # the fixture is stored the other way round
+    counts = (lab == TS_L2).sum(axis=(1, 2))
+    k = int(round((counts * np.arange(len(counts))).sum() / counts.sum()))
+    z = float(aff[2, 0] * k + aff[2, 3])
+    bc = body_composition(CTVolume(hu, sp, aff), z, backend="numpy")
+    assert bc.qc == "" and bc.slice_index == k
+    ts_muscle = np.isin(lab[k], TS_MUSCLES)
+    other = (lab[k] > 0) & ~ts_muscle
+    assert (bc.muscle & ts_muscle).sum() / ts_muscle.sum() >= 0.90
+    assert (bc.muscle & other).sum() / bc.muscle.sum() <= 0.20
+    in_range = ts_muscle & (hu[k] >= -29.0) & (hu[k] <= 150.0)
+    assert abs(bc.muscle_mean_hu - float(hu[k][in_range].mean())) <= 10.0
+    # the same anatomy stored anterior->posterior, right->left (LPS order): same areas, same masks
+    flipped = np.ascontiguousarray(hu[:, ::-1, ::-1])
+    lps = aff.copy()
+    lps[:3, 1:3] *= -1
+    lps[:3, 3] = aff[:3, :3] @ [0, hu.shape[1] - 1, hu.shape[2] - 1] + aff[:3, 3]
+    bc2 = body_composition(CTVolume(flipped, sp, lps), z, backend="numpy")
+    for name in ("skeletal_muscle_area_cm2", "visceral_fat_area_cm2", "subcutaneous_fat_area_cm2"):
+        assert getattr(bc2, name) == pytest.approx(getattr(bc, name), rel=1e-9), name
+    np.testing.assert_array_equal(bc2.muscle[::-1, ::-1], bc.muscle)
