@@ -163,12 +163,14 @@ def body_composition(
         if v is None:
             return _empty(arr.shape[1:], lv.qc or "level_not_found")
         k = v.slice_index
+        level_qc = lv.qc  # "level_uncertain": measured, but perhaps on another vertebra
     else:
         if not np.isfinite(z_mm):
             raise KernelInputError(f"z_mm must be a finite LPS z in mm, got {z_mm!r}")
         k = int(np.argmin(np.abs(zs - float(z_mm))))
         if abs(zs[k] - float(z_mm)) > abs(aff[2, 0]):
             return _empty(arr.shape[1:], "level_outside_scan", k, float(z_mm))
+        level_qc = ""
     dy, dx = volume.spacing[1], volume.spacing[2]
     if abs(aff[1, 1]) < 0.7 * dy or abs(aff[0, 2]) < 0.7 * dx:
         # rows along LPS y and columns along x (any sign) are what the method reads
@@ -193,7 +195,7 @@ def body_composition(
         out.visceral_fat_area_cm2,
         out.subcutaneous_fat_area_cm2,
         out.muscle_mean_hu,
-        out.qc,
+        out.qc or level_qc,
     )
 
 

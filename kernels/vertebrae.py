@@ -19,6 +19,12 @@ Algorithm, on a ``(z, y, x)`` HU volume with rows running anterior -> posterior:
    the next ones L1, L2 ...  This is how a reader counts when the sacrum is not in the field of
    view; it fails where anatomy varies (lumbar ribs, 11 or 13 rib pairs: about 5-10 % of people),
    so the result carries the QC reason ``level_not_found`` whenever no rib-bearing vertebra is seen.
+5. Plausibility: an inner vertebra shorter than ``BODY_MIN_MM`` or two centres closer than
+   ``SPACING_MIN_MM`` mean the disc profile was misread (thick or coarse slices, fractures,
+   degenerate discs) and every name after it may be shifted: the levels keep their names and
+   carry the QC reason ``level_uncertain``.  On the real TotalSegmentator abdomen (3 mm voxels,
+   T11-L2) the profile split L1 into 6-9 mm fragments and L2's transverse processes looked like
+   ribs, so L2 was called T12: this rule flags it.
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ RIB_DEPTH_MM = (-10.0, 45.0)  # rib head centroid: offset behind the vertebral b
 RIB_MIN_MM2 = 12.0  # smallest rib-head cross-section
 RIB_MEAN_HU = 280.0  # a rib head's mean HU (cortex-rich); cancellous fragments stay below
 SMOOTH_MM = 1.2  # in-plane Gaussian sigma (at most one pixel) before the bone outline is taken
+BODY_MIN_MM = 15.0  # an inner vertebral body shorter than this is a fragment of the profile
+SPACING_MIN_MM = 20.0  # adult T10-L5 centres lie 25-40 mm apart; closer ones are miscounted
 
 
 @dataclass(frozen=True)
@@ -240,4 +248,8 @@ def _name(vert: list[Vertebra]) -> VertebralLevels:
             name = f"L{off}" if off <= 5 else ""
         named.append(Vertebra(v.slice_index, v.z_mm, v.height_mm, v.has_ribs, name))
     log.debug("vertebrae %s", [(v.name, round(v.z_mm, 1)) for v in named])
-    return VertebralLevels(tuple(named), "")
+    short = any(v.height_mm < BODY_MIN_MM for v in named[1:-1]) or (
+        len(named) <= 2 and any(v.height_mm < BODY_MIN_MM for v in named)
+    )
+    close = any(a.z_mm - b.z_mm < SPACING_MIN_MM for a, b in zip(named, named[1:], strict=False))
+    return VertebralLevels(tuple(named), "level_uncertain" if short or close else "")

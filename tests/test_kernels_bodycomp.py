@@ -228,3 +228,16 @@ def test_bodycomp_evidence_image_shows_the_masks(tmp_path, subject):
         # blended half with the colour: the colour's dominant channel is lifted everywhere
         c = int(np.argmax(colour))
         assert (px[:, c] >= 0.5 * colour[c] - 1).all()
+
+
+def test_implausible_vertebra_runs_make_the_levels_uncertain():
+    from pdacscreen.kernels.vertebrae import Vertebra, _name
+
+    def run(heights, spacing):
+        return [Vertebra(10 * i, -spacing * i, h, i == 0) for i, h in enumerate(heights)]
+
+    assert _name(run([25, 26, 27, 28], 33.0)).qc == ""
+    assert _name(run([25, 26, 27, 28], 33.0)).level("L3").slice_index == 30
+    assert _name(run([25, 9, 27, 28], 33.0)).qc == "level_uncertain"  # a fragment inside
+    assert _name(run([25, 26, 27, 28], 18.0)).qc == "level_uncertain"  # centres too close
+    assert _name(run([25, 26], 33.0)).qc == ""

@@ -207,3 +207,20 @@ def test_body_composition_on_real_anatomy_against_totalsegmentator(real_ct):
     for name in ("skeletal_muscle_area_cm2", "visceral_fat_area_cm2", "subcutaneous_fat_area_cm2"):
         assert getattr(bc2, name) == pytest.approx(getattr(bc, name), rel=1e-9), name
     np.testing.assert_array_equal(bc2.muscle[::-1, ::-1], bc.muscle)
+
+
+def test_miscounted_vertebrae_on_real_ct_are_flagged_not_trusted(real_ct):
+    """The real abdomen (3 mm voxels, T11-L2): the bone profile splits L1 into fragments and L2's
+    transverse processes pass for ribs, so L2 would be named T12.  The levels say so
+    (``level_uncertain``) and body composition at "L3" carries that reason."""
+    from pdacscreen.io.types import CTVolume
+    from pdacscreen.kernels.bodycomp import body_composition
+    from pdacscreen.kernels.vertebrae import vertebral_levels
+
+    arr, aff = read_nifti(real_ct / "totalsegmentator/example_ct_sm.nii.gz")
+    lv = vertebral_levels(arr.astype(np.float32), aff, backend="numpy")
+    assert lv.qc == "level_uncertain"
+    hu, _, fine = _upsampled_real_abdomen(real_ct)
+    sp = tuple(float(np.linalg.norm(fine[:3, i])) for i in range(3))
+    bc = body_composition(CTVolume(hu, sp, fine), level="L1", backend="numpy")
+    assert bc.qc in ("level_uncertain", "level_not_found")
