@@ -138,6 +138,23 @@ def write_model_card(root: Path) -> Path:
         f" (batch {td.get('batch')}, stage-2 training patch {td.get('stage2_training_patch')})"
         + _planned(td),
         f"- augmentation: {td.get('augmentation', {})}",
+        *(
+            [
+                "- anatomy variation (`--vary-anatomy`, `io/phantom/variation.py`): pancreas pose and"
+                " shape, habitus, organ texture, per-tissue HU and noise grain randomised beyond the"
+                " generator's ranges"
+            ]
+            if td.get("anatomy_variation")
+            else []
+        ),
+        *(
+            [
+                f"- stage 2 taken unchanged from {td['stage2_from']['package']} (`--stage2-from`;"
+                f" weights sha256 {td['stage2_from']['weights_sha256'][:16]}...); only stage 1 was trained"
+            ]
+            if td.get("stage2_from")
+            else []
+        ),
         "- exact commands:",
         "",
         "```bash",
