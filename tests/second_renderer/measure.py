@@ -26,7 +26,12 @@ import numpy as np
 import pandas as pd
 
 from pdacscreen.engine.package import load_package
-from pdacscreen.engine.training.assess import archive_cases, phantom_cases, summarise
+from pdacscreen.engine.training.assess import (
+    archive_cases,
+    assess_cases,
+    phantom_cases,
+    summarise,
+)
 
 __all__ = [
     "load_rows",
@@ -391,6 +396,14 @@ def main(argv: list[str] | None = None) -> int:
         help="stage 1 on second-renderer studies 0..STUDIES-1 made in memory as the archive's",
     )
     ap.add_argument(
+        "--detect",
+        nargs=3,
+        type=int,
+        metavar=("SEED", "START", "STUDIES"),
+        help="the full detector (assess rows and summary) on second-renderer studies "
+        "START..START+STUDIES-1 made in memory as the archive's",
+    )
+    ap.add_argument(
         "--package",
         type=Path,
         default=None,
@@ -403,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.package is not None:
         result["package"] = str(args.package)
     if args.rows:
-        op = load_package(None).thresholds.operating
+        op = load_package(pkg).thresholds.operating
         rows = load_rows(args.rows, args.archive)
         result["summary"] = summarise_rows(rows, operating=op)
         if args.localisation_qc:
@@ -441,6 +454,15 @@ def main(argv: list[str] | None = None) -> int:
         result["stage1_second"] = _stage1_summary(
             stage1_coverage(variant_cases(seed, range(n), matrix=args.matrix), pkg)
         )
+    if args.detect:
+        seed, start, n = args.detect
+        rows = assess_cases(
+            variant_cases(seed, range(start, start + n), matrix=args.matrix), pkg, threads=1
+        )
+        op = load_package(pkg).thresholds.operating
+        result["detect"] = {"seed": seed, "start": start, "studies": n, "operating": op}
+        result["rows"] = rows  # readable again with --rows (merge chunks)
+        result["detect_summary"] = summarise_rows(rows, operating=op)
     if args.oracle or args.oracle_phantom_seed is not None:
         if args.oracle:
             seed, n = args.oracle
