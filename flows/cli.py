@@ -28,6 +28,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "volume": ("pdacscreen.flows.cli_volume", "convert one series to a NIfTI volume in HU"),
     "train": ("pdacscreen.flows.cli_train", "train the reference model on a phantom archive"),
     "assess": ("pdacscreen.flows.cli_assess", "assess a model package on held-out phantoms"),
+    "calibrate": (
+        "pdacscreen.flows.cli_calibrate",
+        "set a model package's thresholds on purpose-made negative phantoms",
+    ),
     "sweep": ("pdacscreen.flows.cli_sweep", "run a nightly sweep (Prefect flow, Ray fan-out)"),
     "serve": ("pdacscreen.flows.deploy", "serve the nightly sweep deployment on a cron schedule"),
     "query": ("pdacscreen.flows.query", "run SQL over a findings store (DuckDB)"),

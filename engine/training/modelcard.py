@@ -130,6 +130,15 @@ def write_model_card(root: Path) -> Path:
         f"- operating: {th['operating']:.4f}; 95% specificity: {th['specificity_95']:.4f};"
         f" 99% specificity: {th['specificity_99']:.4f}",
         f"- how: {th['method']}",
+        *(
+            [
+                f"- calibration: {m['calibration']['negatives']} negatives,"
+                f" by finding {m['calibration']['by_finding']}; score quantiles"
+                f" {m['calibration']['score_quantiles']}; re-run: `{m['calibration']['command']}`"
+            ]
+            if m.get("calibration")
+            else []
+        ),
         "",
         "## Training data and command",
         f"- {_source(td)} ({td.get('studies', 'n/a')} studies: {td.get('by_type', {})});"
