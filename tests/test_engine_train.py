@@ -310,5 +310,11 @@ def test_stage1_only_on_varied_anatomy_keeps_stage2(tmp_path):
     assert new.keys() == old.keys() and all(torch.equal(new[k], old[k]) for k in old)
     s1 = torch.load(load_package(out).stage1.weights, weights_only=True)
     assert next(iter(s1.values())).shape[0] == 4  # stage 1 is the new base-4 network
+    # stage 1 does not depend on where stage 2 comes from: a full run's stage 1 is the same
+    full = tmp_path / "full"
+    argv_full = [a if a != str(out) else str(full) for a in argv]
+    assert main([*argv_full, "--vary-anatomy", "--stage2-steps", "2", "--base2", "4"]) == 0
+    s1_full = torch.load(load_package(full).stage1.weights, weights_only=True)
+    assert all(torch.equal(s1[k], s1_full[k]) for k in s1)
     with pytest.raises(TrainingError, match="--vary-anatomy needs --phantoms"):
         fit(TrainOptions(out=tmp_path / "x", archive=tmp_path, vary_anatomy=True))
