@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -116,6 +117,15 @@ def swept(tmp_path_factory):
     logs = base / "logs"
     logs.mkdir()
     store = base / "store"
+    # the reference package with an operating threshold that flags every study, so every study
+    # writes evidence (key image, masks) for the search below; thresholds are not hashed
+    from pdacscreen.engine.package import REFERENCE_PACKAGE
+
+    model = base / "model"
+    shutil.copytree(REFERENCE_PACKAGE, model)
+    manifest = json.loads((model / "model.json").read_text())
+    manifest["thresholds"]["operating"] = 0.0
+    (model / "model.json").write_text(json.dumps(manifest, indent=2))
 
     def cli(name: str, *args: str) -> None:
         out = subprocess.run(
@@ -133,6 +143,8 @@ def swept(tmp_path_factory):
             str(store),
             "--demo-key",
             "--hash-paths",
+            "--model",
+            str(model),
             "--actors",
             "1",
             "--flush-every",
