@@ -41,6 +41,7 @@ from pdacscreen.engine.network import NetworkSpec, build_network
 from pdacscreen.engine.package import Preprocessing, default_manifest, load_package
 from pdacscreen.engine.preprocess import model_input
 from pdacscreen.engine.training.augment import AugmentConfig, sample_patch
+from pdacscreen.engine.training.calibrate import thresholds_at
 from pdacscreen.engine.training.dataset import (
     CachedStudy,
     archive_records,
@@ -230,17 +231,12 @@ def _progress(stage: str):
 
 
 def _thresholds(scores: np.ndarray, labels: np.ndarray) -> dict:
-    """Thresholds at >= 95% and >= 99% specificity on the validation negatives."""
-    neg = np.sort(scores[labels == 0])
-    out = {}
-    for spec, key in ((0.95, "specificity_95"), (0.99, "specificity_99")):
-        if len(neg) == 0:
-            out[key] = 0.5
-            continue
-        k = int(np.ceil(spec * len(neg))) - 1  # index of the last negative allowed below threshold
-        t = float(neg[min(k, len(neg) - 1)])
-        out[key] = float(np.nextafter(np.float32(t), np.float32(1.0)))
-    return out
+    """Thresholds at >= 95% and >= 99% specificity on the validation negatives (0.5 without any):
+    :func:`pdacscreen.engine.training.calibrate.thresholds_at`, the one rule for both."""
+    neg = np.asarray(scores)[np.asarray(labels) == 0]
+    if len(neg) == 0:
+        return {"specificity_95": 0.5, "specificity_99": 0.5}
+    return thresholds_at(neg)
 
 
 def _sensitivity(y: np.ndarray, s: np.ndarray, threshold: float) -> float:
